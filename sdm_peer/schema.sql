@@ -1,0 +1,115 @@
+-- sdm-peer database schema: the single source of truth for tables, states and indexes.
+-- Loaded by store.py (and only there). Every statement is idempotent so opening an
+-- existing database re-applies it harmlessly. Connection pragmas (WAL, foreign keys,
+-- busy timeout, synchronous) are set by store.connect() on every connection, since
+-- SQLite keeps only journal_mode in the file.
+
+-- Run settings (DESIGN §5): one row per key, the value as JSON text.
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL CHECK (json_valid(value))
+) WITHOUT ROWID;
+
+-- One row per hardware shape. A shape names exactly one config.
+CREATE TABLE IF NOT EXISTS configs (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    cores       INTEGER NOT NULL CHECK (cores > 0),
+    memory_gb   REAL NOT NULL CHECK (memory_gb > 0),
+    sequence    INTEGER NOT NULL UNIQUE,
+    group_size  INTEGER NOT NULL CHECK (group_size > 0),
+    state       TEXT NOT NULL DEFAULT 'WAITING'
+                CHECK (state IN ('WAITING', 'PROVISIONING', 'RUNNING', 'DONE')),
+    -- The provisioning lease: who must create this config's group, until when. The token
+    -- stays after `provisioned` (expiry cleared) so a repeated report is recognised.
+    provision_owner      TEXT,
+    provision_token      TEXT UNIQUE,
+    provision_expires_at REAL,
+    provisioned_at       REAL,
+    done_at              REAL,
+    UNIQUE (cores, memory_gb),
+    CHECK (provision_expires_at IS NULL OR provision_token IS NOT NULL)
+);
+
+CREATE TABLE IF NOT EXISTS experiments (
+    id               INTEGER PRIMARY KEY,
+    key              TEXT NOT NULL UNIQUE,
+    config           INTEGER NOT NULL REFERENCES configs (id),
+    params           TEXT NOT NULL DEFAULT '{}'
+                     CHECK (json_valid(params) AND json_type(params) = 'object'),
+    status           TEXT NOT NULL DEFAULT 'NOT STARTED'
+                     CHECK (status IN ('NOT STARTED', 'STARTED', 'DONE', 'ERROR',
+                                       'INTERRUPTED', 'LEGACY', 'FAILED')),
+    lease_owner      TEXT,
+    lease_token      TEXT UNIQUE,
+    lease_expires_at REAL,
+    attempts         INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    failures         INTEGER NOT NULL DEFAULT 0 CHECK (failures >= 0),
+    interruptions    INTEGER NOT NULL DEFAULT 0 CHECK (interruptions >= 0),
+    result           TEXT CHECK (result IS NULL OR (json_valid(result) AND json_type(result) = 'object')),
+    wall_seconds     REAL,
+    failed_reason    TEXT,
+    updated_at       REAL,
+    -- A lease exists exactly while the experiment is STARTED.
+    CHECK ((status = 'STARTED') = (lease_token IS NOT NULL)),
+    CHECK ((lease_token IS NULL) = (lease_expires_at IS NULL)),
+    CHECK ((lease_token IS NULL) = (lease_owner IS NULL))
+);
+
+-- The claim query: the first claimable experiment of one config, found by a single
+-- index seek whatever the table size. The WHERE clause must match store.py's word for word.
+CREATE INDEX IF NOT EXISTS experiments_claimable
+    ON experiments (config, id)
+    WHERE status IN ('NOT STARTED', 'INTERRUPTED', 'ERROR');
+
+-- Leases of one config in expiry order: lazy reclamation and "when does the next one lapse".
+CREATE INDEX IF NOT EXISTS experiments_leased
+    ON experiments (config, lease_expires_at)
+    WHERE status = 'STARTED';
+
+-- Per-config counts for status and "is this config finished".
+CREATE INDEX IF NOT EXISTS experiments_config_status
+    ON experiments (config, status);
+
+CREATE TABLE IF NOT EXISTS attempts (
+    id           INTEGER PRIMARY KEY,
+    experiment   INTEGER NOT NULL REFERENCES experiments (id),
+    number       INTEGER NOT NULL CHECK (number > 0),
+    worker       TEXT NOT NULL,
+    lease_token  TEXT NOT NULL UNIQUE,
+    claimed_at   REAL NOT NULL,
+    ended_at     REAL,
+    -- EXPIRED: the lease lapsed and was taken back; LOST: a report came after that.
+    outcome      TEXT CHECK (outcome IS NULL
+                             OR outcome IN ('DONE', 'ERROR', 'INTERRUPTED', 'EXPIRED', 'LOST')),
+    wall_seconds REAL,
+    exit_code    INTEGER,
+    error        TEXT,
+    result       TEXT CHECK (result IS NULL OR json_valid(result)),
+    UNIQUE (experiment, number)
+);
+
+CREATE TABLE IF NOT EXISTS workers (
+    id         TEXT PRIMARY KEY,
+    cores      INTEGER NOT NULL,
+    memory_gb  REAL NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen  REAL NOT NULL
+) WITHOUT ROWID;
+
+-- Append-only log of config-level happenings.
+CREATE TABLE IF NOT EXISTS events (
+    id     INTEGER PRIMARY KEY,
+    at     REAL NOT NULL,
+    kind   TEXT NOT NULL CHECK (kind IN ('config_added', 'config_reopened', 'config_running',
+                                         'config_done', 'handoff', 'provision_takeover',
+                                         'group_provisioned', 'group_deleted', 'server_started')),
+    config TEXT,
+    worker TEXT,
+    detail TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(detail))
+);
+
+CREATE TRIGGER IF NOT EXISTS events_append_only_update
+    BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_append_only_delete
+    BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;

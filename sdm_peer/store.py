@@ -1,0 +1,584 @@
+"""Every SQL statement and every state transition of sdm-peer (DESIGN §3).
+
+Nothing else touches the database. Each transition is one `BEGIN IMMEDIATE` transaction and
+takes the server's clock as `now` (seconds since the epoch), so tests move time instead of
+sleeping. Lease times leave this module as seconds remaining, never as clock values.
+
+An UPDATE names the statuses it may leave (states.TRANSITIONS) and checks that a row changed:
+a change that matches no row is a refusal (`LeaseLost`), never a silent no-op. A refusal that
+records something (a late result kept in its attempt row) commits that record first.
+"""
+
+import contextlib
+import json
+import secrets
+import sqlite3
+from importlib import resources
+from pathlib import Path
+
+import sqlite_utils
+
+from . import settings as settings_mod
+from . import states as st
+from .errors import LeaseLost, NoSuchConfig, SdmPeerError
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 10_000
+ERROR_TAIL_CHARS = 4000
+
+
+def schema_sql():
+    """The text of schema.sql, installed as package data: the one copy of the schema."""
+    return resources.files("sdm_peer").joinpath("schema.sql").read_text()
+
+
+def _sql_list(values):
+    # Statuses are module constants, never user input; literal lists let the planner use
+    # the partial indexes of schema.sql, which a bound parameter would hide from it.
+    return "(" + ", ".join("'" + value.replace("'", "''") + "'" for value in values) + ")"
+
+
+CLAIMABLE_SQL = _sql_list(st.TRANSITIONS["claim"][0])
+FINISHED_SQL = _sql_list(st.FINISHED)
+
+# The claim query; its WHERE clause matches the partial index `experiments_claimable`.
+CLAIM_NEXT_SQL = f"""
+    SELECT id, key, params, attempts FROM experiments
+    WHERE config = :config AND status IN {CLAIMABLE_SQL}
+    ORDER BY id LIMIT 1
+"""
+
+
+def connect(path, *, replicated=False):
+    """Open the database with the pragmas every connection needs.
+
+    WAL lets readers run beside the one writer; synchronous=FULL makes an acknowledged report
+    survive a power cut. Under Litestream the server must not checkpoint on its own
+    (Litestream owns checkpointing), hence `replicated`."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                           check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if replicated:
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+    return conn
+
+
+def _number(value):
+    """16.0 -> 16: shapes read back as the user wrote them."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def config_name(cores, memory_gb):
+    return f"c{cores}-m{_number(memory_gb)}"
+
+
+class Store:
+    """The lease store over one SQLite file. One instance per thread of use."""
+
+    def __init__(self, path, *, replicated=False, create=True):
+        path = Path(path)
+        if not create and not path.exists():
+            raise SdmPeerError(f"{path}: no such database", hint="create it with `sdm-peer init`")
+        self.path = path
+        self.conn = connect(str(path), replicated=replicated)
+        if self.conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            with self._write():
+                for statement in _statements(schema_sql()):
+                    self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self.settings = self.load_settings()
+
+    def close(self):
+        self.conn.close()
+
+    @contextlib.contextmanager
+    def _write(self):
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front so two
+        writers queue on the busy timeout instead of failing half-way."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _read(self):
+        """A short read transaction: one consistent snapshot for a multi-query read."""
+        self.conn.execute("BEGIN")
+        try:
+            yield self.conn
+        finally:
+            self.conn.execute("COMMIT")
+
+    # ---------------------------------------------------------------- settings and plan
+
+    def load_settings(self):
+        rows = self.conn.execute("SELECT key, value FROM settings").fetchall()
+        return settings_mod.with_defaults({row["key"]: json.loads(row["value"]) for row in rows})
+
+    def import_plan(self, plan, *, settings=None, now):
+        """Add a parsed plan's configs and experiments, and store settings, in one transaction.
+
+        Existing experiments are never touched; a key already present is skipped. A config that
+        was DONE and gets new experiments is reopened (WAITING) so they run. Returns counts."""
+        settings = settings or {}
+        added_configs = added_experiments = 0
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO settings (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [(key, json.dumps(value)) for key, value in settings.items()])
+            group_size = self._setting(db, "group_size")
+            config_ids = {}
+            for config in plan.configs:
+                row = db.execute("SELECT id FROM configs WHERE cores = ? AND memory_gb = ?",
+                                 (config.cores, config.memory_gb)).fetchone()
+                if row is None:
+                    row = db.execute(
+                        "INSERT INTO configs (name, cores, memory_gb, sequence, group_size)"
+                        " VALUES (?, ?, ?, (SELECT COALESCE(MAX(sequence), 0) + 1 FROM configs), ?)"
+                        " RETURNING id",
+                        (config_name(config.cores, config.memory_gb), config.cores, config.memory_gb,
+                         config.group_size or group_size)).fetchone()
+                    self._event(db, now, "config_added", config_name(config.cores, config.memory_gb))
+                    added_configs += 1
+                config_ids[config.name] = row["id"]
+            before = db.total_changes
+            db.executemany(
+                "INSERT INTO experiments (key, config, params, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (key) DO NOTHING",
+                ((exp.key, config_ids[exp.config], json.dumps(exp.params), now) for exp in plan.experiments))
+            added_experiments = db.total_changes - before
+            reopened = db.execute(
+                f"""UPDATE configs SET state = '{st.WAITING}', done_at = NULL
+                    WHERE state = '{st.CONFIG_DONE}' AND EXISTS (
+                        SELECT 1 FROM experiments e WHERE e.config = configs.id
+                        AND e.status NOT IN {FINISHED_SQL})
+                    RETURNING name""").fetchall()
+            for row in reopened:
+                self._event(db, now, "config_reopened", row["name"])
+        self.settings = self.load_settings()
+        return {"configs_added": added_configs, "experiments_added": added_experiments,
+                "configs_reopened": len(reopened)}
+
+    def _setting(self, db, key):
+        row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return json.loads(row["value"]) if row else settings_mod.DEFAULTS.get(key)
+
+    # ---------------------------------------------------------------- worker transitions
+
+    def hello(self, worker_id, cores, memory_gb, *, now):
+        with self._write() as db:
+            self._touch_worker(db, worker_id, cores, memory_gb, now)
+            config = self._config_for_shape(db, cores, memory_gb)
+        return {"config": config["name"], "settings": dict(self.settings)}
+
+    def claim(self, worker_id, cores, memory_gb, *, now, lease_seconds):
+        """Claim the next experiment of the worker's shape.
+
+        Expired leases of that config are taken back first (lazily: no reaper is needed).
+        Returns {experiment, config, config_done, handoff_pending, retry_after, provision}."""
+        with self._write() as db:
+            self._touch_worker(db, worker_id, cores, memory_gb, now)
+            config = self._config_for_shape(db, cores, memory_gb)
+            provision = None
+            if config["state"] != st.CONFIG_DONE:
+                provision = self._reclaim_expired(db, config["id"], now, worker_id)
+            experiment = None
+            row = db.execute(CLAIM_NEXT_SQL, {"config": config["id"]}).fetchone()
+            if row is not None:
+                experiment = self._start(db, row, config, worker_id, now, lease_seconds)
+            provision = provision or self._take_over_provisioning(db, worker_id, now)
+            answer = self._progress(db, config["id"], now)
+        return {"experiment": experiment, "provision": provision, **answer}
+
+    def _start(self, db, row, config, worker_id, now, lease_seconds):
+        token = secrets.token_urlsafe(18)
+        changed = db.execute(
+            f"""UPDATE experiments SET status = '{st.STARTED}', lease_owner = ?, lease_token = ?,
+                    lease_expires_at = ?, attempts = attempts + 1, updated_at = ?
+                WHERE id = ? AND status IN {CLAIMABLE_SQL}""",
+            (worker_id, token, now + lease_seconds, now, row["id"])).rowcount
+        assert changed == 1, "claim raced inside its own write transaction"
+        number = row["attempts"] + 1
+        db.execute("INSERT INTO attempts (experiment, number, worker, lease_token, claimed_at)"
+                   " VALUES (?, ?, ?, ?, ?)", (row["id"], number, worker_id, token, now))
+        if config["state"] in (st.WAITING, st.PROVISIONING):
+            # A worker of this shape is proof that its group exists.
+            db.execute(f"UPDATE configs SET state = '{st.RUNNING}' WHERE id = ?", (config["id"],))
+            self._event(db, now, "config_running", config["name"], worker_id)
+        return {"key": row["key"], "params": json.loads(row["params"]), "lease_token": token,
+                "lease_seconds_left": lease_seconds, "attempt": number}
+
+    def _progress(self, db, config_id, now):
+        """What a worker of this config should do when it got no experiment: wait, or stop."""
+        config = db.execute("SELECT name, state FROM configs WHERE id = ?", (config_id,)).fetchone()
+        done = config["state"] == st.CONFIG_DONE
+        next_expiry = db.execute(
+            f"SELECT MIN(lease_expires_at) FROM experiments WHERE config = ? AND status = '{st.STARTED}'",
+            (config_id,)).fetchone()[0]
+        pending = db.execute(
+            f"SELECT MIN(provision_expires_at) FROM configs WHERE state = '{st.PROVISIONING}'"
+            " AND provisioned_at IS NULL").fetchone()[0]
+        waits = [moment - now for moment in (next_expiry, pending) if moment is not None]
+        return {"config": config["name"], "config_done": done, "handoff_pending": pending is not None,
+                "retry_after": max(0.0, min(waits)) if waits else None}
+
+    def renew(self, *, now, lease_seconds, lease_token=None, provision_token=None):
+        """Push a lease's expiry out. A lease that lapsed but was not yet taken back is still
+        held: nobody else needed it, and the work goes on."""
+        with self._write() as db:
+            if provision_token is not None:
+                seconds = self.settings["provision_lease_seconds"]
+                row = db.execute(
+                    f"UPDATE configs SET provision_expires_at = ? WHERE provision_token = ?"
+                    f" AND state = '{st.PROVISIONING}' AND provisioned_at IS NULL RETURNING id",
+                    (now + seconds, provision_token)).fetchone()
+                if row is None:
+                    raise LeaseLost("this provisioning lease is no longer held")
+                return {"lease_seconds_left": seconds}
+            row = db.execute(
+                f"UPDATE experiments SET lease_expires_at = ?, updated_at = ?"
+                f" WHERE lease_token = ? AND status = '{st.STARTED}' RETURNING lease_owner",
+                (now + lease_seconds, now, lease_token)).fetchone()
+            if row is None:
+                raise LeaseLost("this lease is no longer held: the experiment was taken back or finished")
+            db.execute("UPDATE workers SET last_seen = ? WHERE id = ?", (now, row["lease_owner"]))
+        return {"lease_seconds_left": lease_seconds}
+
+    def complete(self, lease_token, result, wall_seconds, *, now):
+        if not isinstance(result, dict):
+            raise SdmPeerError("a result must be a JSON object")
+        result_json = json.dumps(result)
+        with self._write() as db:
+            row = db.execute(
+                f"""UPDATE experiments SET status = '{st.DONE}', result = ?, wall_seconds = ?,
+                        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = ?
+                    WHERE lease_token = ? AND status = '{st.STARTED}' RETURNING id, config""",
+                (result_json, wall_seconds, now, lease_token)).fetchone()
+            if row is None:
+                refusal = self._late_report(db, lease_token, st.DONE, now, wall_seconds=wall_seconds,
+                                            exit_code=0, result=result_json)
+            else:
+                refusal = None
+                self._end_attempt(db, lease_token, st.DONE, now, wall_seconds=wall_seconds, exit_code=0)
+                config_done, provision = self._finish_if_complete(db, row["config"], now,
+                                                                  self._owner_of(db, lease_token))
+        if refusal is not None:
+            return self._refuse_or_repeat(refusal)
+        return {"status": st.DONE, "config_done": config_done, "provision": provision}
+
+    def fail(self, lease_token, error, exit_code, wall_seconds, *, now):
+        """The command failed: ERROR (retried later) or FAILED once `max_failures` is reached."""
+        error = (error or "")[-ERROR_TAIL_CHARS:]
+        max_failures = self.settings["max_failures"]
+        with self._write() as db:
+            row = db.execute(
+                f"""UPDATE experiments SET
+                        failures = failures + 1,
+                        status = CASE WHEN failures + 1 >= :max THEN '{st.FAILED}' ELSE '{st.ERROR}' END,
+                        failed_reason = CASE WHEN failures + 1 >= :max
+                            THEN 'failed ' || (failures + 1) || ' times (max_failures): ' || :error END,
+                        wall_seconds = :wall, lease_owner = NULL, lease_token = NULL,
+                        lease_expires_at = NULL, updated_at = :now
+                    WHERE lease_token = :token AND status = '{st.STARTED}' RETURNING id, config, status""",
+                {"max": max_failures, "error": error[-500:], "wall": wall_seconds, "now": now,
+                 "token": lease_token}).fetchone()
+            if row is None:
+                refusal = self._late_report(db, lease_token, st.ERROR, now, wall_seconds=wall_seconds,
+                                            exit_code=exit_code, error=error)
+            else:
+                refusal = None
+                self._end_attempt(db, lease_token, st.ERROR, now, wall_seconds=wall_seconds,
+                                  exit_code=exit_code, error=error)
+                config_done, provision = self._finish_if_complete(db, row["config"], now,
+                                                                  self._owner_of(db, lease_token))
+        if refusal is not None:
+            return self._refuse_or_repeat(refusal)
+        return {"status": row["status"], "config_done": config_done, "provision": provision}
+
+    def release(self, *, now, reason, lease_token=None, worker_id=None):
+        """Give leases back (shutdown, SIGTERM, preemption): INTERRUPTED, or FAILED once
+        `max_interruptions` is reached. By token, a lease not held is refused; by worker id,
+        releasing nothing is fine (the shutdown script of an idle VM)."""
+        column, value = ("lease_token", lease_token) if lease_token is not None else ("lease_owner", worker_id)
+        with self._write() as db:
+            rows = db.execute(
+                f"SELECT id, config, lease_token, lease_owner FROM experiments"
+                f" WHERE {column} = ? AND status = '{st.STARTED}'", (value,)).fetchall()
+            if not rows and lease_token is not None:
+                raise LeaseLost("this lease is no longer held: the experiment was taken back or finished")
+            for row in rows:
+                self._interrupt(db, row, st.INTERRUPTED, now, reason=f"released: {reason}")
+        return {"released": len(rows)}
+
+    def _interrupt(self, db, row, outcome, now, *, reason):
+        """Take a lease back from STARTED (released or expired); charge the interruption budget."""
+        max_interruptions = self.settings["max_interruptions"]
+        back_to = st.INTERRUPTED if outcome == st.INTERRUPTED else st.NOT_STARTED
+        changed = db.execute(
+            f"""UPDATE experiments SET
+                    interruptions = interruptions + 1,
+                    status = CASE WHEN interruptions + 1 >= :max THEN '{st.FAILED}' ELSE :back END,
+                    failed_reason = CASE WHEN interruptions + 1 >= :max
+                        THEN 'interrupted ' || (interruptions + 1) || ' times (max_interruptions)' END,
+                    lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = :now
+                WHERE id = :id AND lease_token = :token AND status = '{st.STARTED}'""",
+            {"max": max_interruptions, "back": back_to, "now": now, "id": row["id"],
+             "token": row["lease_token"]}).rowcount
+        assert changed == 1, "lease changed hands inside its own write transaction"
+        self._end_attempt(db, row["lease_token"], outcome, now, error=reason)
+        return self._finish_if_complete(db, row["config"], now, row["lease_owner"])
+
+    def _reclaim_expired(self, db, config_id, now, caller):
+        """Take back every lapsed lease of one config. Returns a provisioning lease if taking
+        one back finished the config (its budget ran out on the last unfinished experiment)."""
+        provision = None
+        rows = db.execute(
+            f"SELECT id, config, lease_token, lease_owner FROM experiments"
+            f" WHERE config = ? AND status = '{st.STARTED}' AND lease_expires_at <= ?",
+            (config_id, now)).fetchall()
+        for row in rows:
+            row = dict(row, lease_owner=caller)  # the hand-off goes to whoever is here to take it
+            _, handed = self._interrupt(db, row, st.EXPIRED, now, reason="lease expired")
+            provision = provision or handed
+        return provision
+
+    def _late_report(self, db, lease_token, outcome, now, **report):
+        """A report for a lease that is not held. The same report again (a retry after a lost
+        answer) is repeated harmlessly; a report after the lease was taken back is kept in its
+        own attempt row as LOST, never over another attempt's."""
+        attempt = db.execute("SELECT a.outcome, e.status FROM attempts a JOIN experiments e"
+                             " ON e.id = a.experiment WHERE a.lease_token = ?", (lease_token,)).fetchone()
+        if attempt is None:
+            return LeaseLost("no such lease")
+        if attempt["outcome"] == outcome:
+            return {"status": attempt["status"], "duplicate": True}
+        if attempt["outcome"] == st.EXPIRED:
+            db.execute("UPDATE attempts SET outcome = ?, wall_seconds = ?, exit_code = ?, error = ?,"
+                       " result = ? WHERE lease_token = ?",
+                       (st.LOST, report.get("wall_seconds"), report.get("exit_code"),
+                        report.get("error"), report.get("result"), lease_token))
+        return LeaseLost("this lease is no longer held: the lease lapsed and the experiment was "
+                         "taken back; the report is kept in its attempt row")
+
+    @staticmethod
+    def _refuse_or_repeat(refusal):
+        if isinstance(refusal, Exception):
+            raise refusal
+        return {**refusal, "config_done": False, "provision": None}
+
+    def _end_attempt(self, db, lease_token, outcome, now, *, wall_seconds=None, exit_code=None, error=None):
+        changed = db.execute(
+            "UPDATE attempts SET outcome = ?, ended_at = ?, wall_seconds = ?, exit_code = ?, error = ?"
+            " WHERE lease_token = ? AND outcome IS NULL",
+            (outcome, now, wall_seconds, exit_code, error, lease_token)).rowcount
+        assert changed == 1, "an attempt ended twice"
+
+    @staticmethod
+    def _owner_of(db, lease_token):
+        return db.execute("SELECT worker FROM attempts WHERE lease_token = ?", (lease_token,)).fetchone()[0]
+
+    # ---------------------------------------------------------------- configs and hand-off
+
+    def _finish_if_complete(self, db, config_id, now, caller):
+        """If no experiment of the config is unfinished, mark it DONE and elect the caller to
+        provision the next WAITING config (exactly once: only the UPDATE that changed the
+        state hands off). Returns (config_done, provision)."""
+        unfinished = db.execute(
+            f"SELECT EXISTS (SELECT 1 FROM experiments WHERE config = ? AND status NOT IN {FINISHED_SQL})",
+            (config_id,)).fetchone()[0]
+        if unfinished:
+            return False, None
+        finished = db.execute(
+            f"UPDATE configs SET state = '{st.CONFIG_DONE}', done_at = ?, provision_expires_at = NULL"
+            f" WHERE id = ? AND state != '{st.CONFIG_DONE}' RETURNING name", (now, config_id)).fetchone()
+        if finished is None:
+            return True, None
+        self._event(db, now, "config_done", finished["name"], caller)
+        if self.settings["provider"] == "none":
+            return True, None
+        provision = self._lease_next_waiting(db, caller, now)
+        if provision is not None:
+            self._event(db, now, "handoff", provision["config"], caller, {"from": finished["name"]})
+            provision["previous"] = finished["name"]
+        return True, provision
+
+    def _lease_next_waiting(self, db, owner, now):
+        row = db.execute(
+            f"""UPDATE configs SET state = '{st.PROVISIONING}', provision_owner = ?, provision_token = ?,
+                    provision_expires_at = ?
+                WHERE id = (SELECT id FROM configs WHERE state = '{st.WAITING}' ORDER BY sequence LIMIT 1)
+                RETURNING name, cores, memory_gb, group_size, provision_token""",
+            (owner, secrets.token_urlsafe(18), now + self.settings["provision_lease_seconds"], )).fetchone()
+        return self._provision(row)
+
+    def _provision(self, row):
+        if row is None:
+            return None
+        return {"config": row["name"], "provision_token": row["provision_token"], "cores": row["cores"],
+                "memory_gb": _number(row["memory_gb"]), "group_size": row["group_size"],
+                "lease_seconds_left": self.settings["provision_lease_seconds"], "previous": None}
+
+    def _take_over_provisioning(self, db, owner, now):
+        """A provisioning lease that lapsed before `provisioned` goes to the next one to ask."""
+        if self.settings["provider"] == "none":
+            return None
+        row = db.execute(
+            f"""UPDATE configs SET provision_owner = ?, provision_token = ?, provision_expires_at = ?
+                WHERE id = (SELECT id FROM configs WHERE state = '{st.PROVISIONING}'
+                            AND provisioned_at IS NULL AND provision_expires_at <= ?
+                            ORDER BY sequence LIMIT 1)
+                RETURNING name, cores, memory_gb, group_size, provision_token""",
+            (owner, secrets.token_urlsafe(18), now + self.settings["provision_lease_seconds"], now)).fetchone()
+        if row is not None:
+            self._event(db, now, "provision_takeover", row["name"], owner)
+        return self._provision(row)
+
+    def acquire_provisioning(self, owner, *, now):
+        """For `bootstrap`: a lapsed provisioning lease, or the first config's when the run has
+        no group yet (nothing PROVISIONING or RUNNING and something WAITING)."""
+        with self._write() as db:
+            provision = self._take_over_provisioning(db, owner, now)
+            if provision is None and self.settings["provider"] != "none":
+                active = db.execute(
+                    f"SELECT EXISTS (SELECT 1 FROM configs WHERE state IN ('{st.PROVISIONING}', '{st.RUNNING}'))"
+                ).fetchone()[0]
+                if not active:
+                    provision = self._lease_next_waiting(db, owner, now)
+                    if provision is not None:
+                        self._event(db, now, "handoff", provision["config"], owner, {"from": None})
+        return {"provision": provision}
+
+    def provisioned(self, provision_token, *, now, worker_id=None):
+        """The holder of a provisioning lease created the group. Repeating it is harmless."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT id, name, provisioned_at FROM configs WHERE provision_token = ?",
+                (provision_token,)).fetchone()
+            if row is None:
+                raise LeaseLost("this provisioning lease is no longer held: another worker took it over")
+            if row["provisioned_at"] is None:
+                db.execute("UPDATE configs SET provisioned_at = ?, provision_expires_at = NULL WHERE id = ?",
+                           (now, row["id"]))
+                self._event(db, now, "group_provisioned", row["name"], worker_id)
+        return {}
+
+    def group_deleted(self, config, *, now, worker_id=None):
+        """Record that a config's group was removed (once per config)."""
+        with self._write() as db:
+            seen = db.execute("SELECT EXISTS (SELECT 1 FROM events WHERE kind = 'group_deleted' AND config = ?)",
+                              (config,)).fetchone()[0]
+            if not seen:
+                self._event(db, now, "group_deleted", config, worker_id)
+        return {}
+
+    def extend_leases(self, *, now, seconds):
+        """At server start: every lease still held gets at least one more full period, counted
+        from now. A database outage is not the workers' fault; their renewals could not land."""
+        with self._write() as db:
+            extended = db.execute(
+                f"UPDATE experiments SET lease_expires_at = MAX(lease_expires_at, :now) + :seconds"
+                f" WHERE status = '{st.STARTED}'", {"now": now, "seconds": seconds}).rowcount
+            db.execute(
+                f"UPDATE configs SET provision_expires_at = MAX(provision_expires_at, :now) + :seconds"
+                f" WHERE state = '{st.PROVISIONING}' AND provisioned_at IS NULL",
+                {"now": now, "seconds": self.settings["provision_lease_seconds"]})
+            self._event(db, now, "server_started", None, None, {"leases_extended": extended})
+        return extended
+
+    # ---------------------------------------------------------------- reading
+
+    def status(self, *, now):
+        """The object `status --json` prints (DESIGN §5), plus `expired` (leases lapsed but
+        not yet taken back) and the run's progress fields."""
+        fields = list(st.COUNT_FIELDS.values())
+        with self._read() as db:
+            configs = db.execute(
+                "SELECT id, name, cores, memory_gb, sequence, group_size, state FROM configs ORDER BY sequence"
+            ).fetchall()
+            counts = db.execute("SELECT config, status, COUNT(*) FROM experiments GROUP BY config, status").fetchall()
+            expired = dict(db.execute(
+                f"SELECT config, COUNT(*) FROM experiments WHERE status = '{st.STARTED}'"
+                f" AND lease_expires_at <= ? GROUP BY config", (now,)).fetchall())
+        per_config = {row["id"]: dict.fromkeys(["total", *fields], 0) for row in configs}
+        for config_id, status, count in counts:
+            per_config[config_id][st.COUNT_FIELDS[status]] = count
+            per_config[config_id]["total"] += count
+        totals = dict.fromkeys(["total", *fields, "expired"], 0)
+        out = []
+        for row in configs:
+            entry = {"name": row["name"], "cores": row["cores"], "memory_gb": _number(row["memory_gb"]),
+                     "state": row["state"], **per_config[row["id"]], "expired": expired.get(row["id"], 0),
+                     "sequence": row["sequence"], "group_size": row["group_size"]}
+            for key in totals:
+                totals[key] += entry[key]
+            out.append(entry)
+        return {"configs": out, "totals": totals}
+
+    def events(self, *, kind=None):
+        sql = "SELECT at, kind, config, worker, detail FROM events"
+        rows = self.conn.execute(sql + (" WHERE kind = ?" if kind else "") + " ORDER BY id",
+                                 (kind,) if kind else ()).fetchall()
+        return [{**dict(row), "detail": json.loads(row["detail"])} for row in rows]
+
+    def attempts(self, key=None):
+        sql = ("SELECT e.key, a.number, a.worker, a.claimed_at, a.ended_at, a.outcome, a.wall_seconds,"
+               " a.exit_code, a.error, a.result FROM attempts a JOIN experiments e ON e.id = a.experiment")
+        rows = self.conn.execute(sql + (" WHERE e.key = ?" if key else "") + " ORDER BY a.id",
+                                 (key,) if key else ()).fetchall()
+        return [dict(row) for row in rows]
+
+    def experiments(self):
+        """Every experiment with its config's name, params and result decoded, in run order."""
+        rows = sqlite_utils.Database(self.conn).query(
+            """SELECT e.key, c.name AS config, c.cores, c.memory_gb, e.status, e.attempts, e.failures,
+                      e.interruptions, e.wall_seconds, e.failed_reason, e.params, e.result
+               FROM experiments e JOIN configs c ON c.id = e.config ORDER BY c.sequence, e.id""")
+        for row in rows:
+            yield {**row, "memory_gb": _number(row["memory_gb"]), "params": json.loads(row["params"]),
+                   "result": json.loads(row["result"]) if row["result"] is not None else None}
+
+    def explain_claim(self):
+        """The query plan of the claim query (for the test that keeps it an index seek)."""
+        return [row["detail"] for row in self.conn.execute("EXPLAIN QUERY PLAN " + CLAIM_NEXT_SQL, {"config": 1})]
+
+    # ---------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _touch_worker(db, worker_id, cores, memory_gb, now):
+        db.execute("INSERT INTO workers (id, cores, memory_gb, first_seen, last_seen) VALUES (?, ?, ?, ?, ?)"
+                   " ON CONFLICT (id) DO UPDATE SET cores = excluded.cores, memory_gb = excluded.memory_gb,"
+                   " last_seen = excluded.last_seen", (worker_id, cores, memory_gb, now, now))
+
+    @staticmethod
+    def _config_for_shape(db, cores, memory_gb):
+        row = db.execute("SELECT id, name, state FROM configs WHERE cores = ? AND memory_gb = ?",
+                         (cores, memory_gb)).fetchone()
+        if row is None:
+            shapes = ", ".join(name for (name,) in db.execute("SELECT name FROM configs ORDER BY sequence LIMIT 8"))
+            raise NoSuchConfig(f"no config of this run has the shape {cores} cores x {_number(memory_gb)} GB"
+                               f" (configs: {shapes or 'none'})")
+        return row
+
+    @staticmethod
+    def _event(db, now, kind, config, worker=None, detail=None):
+        db.execute("INSERT INTO events (at, kind, config, worker, detail) VALUES (?, ?, ?, ?, ?)",
+                   (now, kind, config, worker, json.dumps(detail or {})))
+
+
+def _statements(script):
+    """Split schema.sql into statements (sqlite3.complete_statement keeps triggers whole)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            if statement.strip():
+                yield statement
+            statement = ""

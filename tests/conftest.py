@@ -1,0 +1,50 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdm_peer.plan import read_plan
+from sdm_peer.store import Store
+
+T0 = 1_700_000_000.0
+LEASE = 60.0
+
+
+def write_plan(path, rows):
+    Path(path).write_text(json.dumps(rows))
+    return path
+
+
+def grid(shapes, per_config, **extra):
+    """Plan rows: `per_config` experiments for each (cores, memory_gb) shape."""
+    return [{"cores": cores, "memory_gb": memory, "i": i, **extra}
+            for cores, memory in shapes for i in range(per_config)]
+
+
+@pytest.fixture
+def make_store(tmp_path):
+    """A real SQLite store built from plan rows, with settings."""
+    opened = []
+
+    def make(rows, name="run.db", **settings):
+        plan = read_plan(write_plan(tmp_path / (name + ".plan.json"), rows))
+        store = Store(tmp_path / name)
+        store.import_plan(plan, settings=settings, now=T0)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def cli_env(tmp_path, monkeypatch):
+    """Run CLI commands in a scratch directory with no token in the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SDM_TOKEN", raising=False)
+    return tmp_path
+
+
+PYTHON = sys.executable

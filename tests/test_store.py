@@ -1,0 +1,272 @@
+"""Every transition and refusal of the DESIGN §3 table, on a real SQLite file, with a moved clock."""
+
+import pytest
+
+from sdm_peer import states as st
+from sdm_peer.errors import LeaseLost, NoSuchConfig
+
+from .conftest import LEASE, T0, grid
+
+
+def claim(store, worker="w1", shape=(2, 4), at=T0):
+    return store.claim(worker, *shape, now=at, lease_seconds=LEASE)
+
+
+def row(store, key):
+    return dict(store.conn.execute("SELECT * FROM experiments WHERE key = ?", (key,)).fetchone())
+
+
+def test_claim_starts_an_experiment_with_a_fresh_lease(make_store):
+    store = make_store(grid([(2, 4)], 2))
+    answer = claim(store)
+    exp = answer["experiment"]
+    assert exp["attempt"] == 1 and exp["lease_seconds_left"] == LEASE and exp["params"] == {"i": 0}
+    stored = row(store, exp["key"])
+    assert stored["status"] == st.STARTED and stored["lease_owner"] == "w1" and stored["attempts"] == 1
+    assert stored["lease_expires_at"] == T0 + LEASE
+    assert len(exp["lease_token"]) >= 20
+    assert store.attempts(exp["key"])[0]["outcome"] is None
+    assert store.status(now=T0)["configs"][0]["state"] == st.RUNNING
+
+
+def test_claim_for_unknown_shape_is_refused(make_store):
+    store = make_store(grid([(2, 4)], 1))
+    with pytest.raises(NoSuchConfig, match="c2-m4"):
+        claim(store, shape=(3, 4))
+
+
+def test_claim_gives_distinct_experiments_then_none(make_store):
+    store = make_store(grid([(2, 4)], 2))
+    first, second, third = (claim(store, f"w{i}") for i in range(3))
+    assert first["experiment"]["key"] != second["experiment"]["key"]
+    assert third["experiment"] is None and third["config_done"] is False
+    assert third["retry_after"] == pytest.approx(LEASE)
+
+
+def test_renew_pushes_expiry_out(make_store):
+    store = make_store(grid([(2, 4)], 1))
+    exp = claim(store)["experiment"]
+    store.renew(lease_token=exp["lease_token"], now=T0 + 50, lease_seconds=LEASE)
+    assert row(store, exp["key"])["lease_expires_at"] == T0 + 50 + LEASE
+    # Not yet expired at the old expiry: nobody can take it.
+    assert claim(store, "w2", at=T0 + LEASE + 1)["experiment"] is None
+
+
+def test_expired_lease_is_taken_back_by_the_next_claim(make_store):
+    store = make_store(grid([(2, 4)], 1))
+    old = claim(store)["experiment"]
+    new = claim(store, "w2", at=T0 + LEASE + 0.001)["experiment"]
+    assert new["key"] == old["key"] and new["attempt"] == 2 and new["lease_token"] != old["lease_token"]
+    history = store.attempts(old["key"])
+    assert [a["outcome"] for a in history] == [st.EXPIRED, None]
+    assert row(store, old["key"])["interruptions"] == 1
+
+
+def test_renew_after_takeover_is_lease_lost(make_store):
+    store = make_store(grid([(2, 4)], 1))
+    old = claim(store)["experiment"]
+    claim(store, "w2", at=T0 + LEASE + 1)
+    before = row(store, old["key"])
+    with pytest.raises(LeaseLost):
+        store.renew(lease_token=old["lease_token"], now=T0 + LEASE + 2, lease_seconds=LEASE)
+    assert row(store, old["key"]) == before
+
+
+def test_renew_of_lapsed_but_untaken_lease_still_holds(make_store):
+    store = make_store(grid([(2, 4)], 1))
+    exp = claim(store)["experiment"]
+    store.renew(lease_token=exp["lease_token"], now=T0 + 5 * LEASE, lease_seconds=LEASE)
+    assert row(store, exp["key"])["status"] == st.STARTED
+
+
+def test_complete_stores_result_and_finishes_config(make_store):
+    store = make_store(grid([(2, 4)], 1))
+    exp = claim(store)["experiment"]
+    answer = store.complete(exp["lease_token"], {"auc": 0.9}, 12.5, now=T0 + 13)
+    assert answer["config_done"] is True and answer["provision"] is None  # provider none
+    stored = row(store, exp["key"])
+    assert stored["status"] == st.DONE and stored["wall_seconds"] == 12.5 and stored["lease_token"] is None
+    assert store.attempts(exp["key"])[0]["outcome"] == st.DONE
+    assert store.status(now=T0)["configs"][0]["state"] == st.CONFIG_DONE
+    assert claim(store, "w2", at=T0 + 14)["config_done"] is True
+
+
+def test_late_complete_after_takeover_is_kept_as_lost_never_over_the_other(make_store):
+    store = make_store(grid([(2, 4)], 1))
+    old = claim(store)["experiment"]
+    new = claim(store, "w2", at=T0 + LEASE + 1)["experiment"]
+    store.complete(new["lease_token"], {"by": "w2"}, 1.0, now=T0 + LEASE + 2)
+    with pytest.raises(LeaseLost):
+        store.complete(old["lease_token"], {"by": "w1"}, 99.0, now=T0 + LEASE + 3)
+    assert row(store, old["key"])["result"] == '{"by": "w2"}'
+    late = store.attempts(old["key"])[0]
+    assert late["outcome"] == st.LOST and late["result"] == '{"by": "w1"}' and late["wall_seconds"] == 99.0
+
+
+def test_repeated_complete_is_answered_again_without_change(make_store):
+    store = make_store(grid([(2, 4)], 2))
+    exp = claim(store)["experiment"]
+    store.complete(exp["lease_token"], {"x": 1}, 1.0, now=T0 + 1)
+    again = store.complete(exp["lease_token"], {"x": 2}, 2.0, now=T0 + 2)
+    assert again["duplicate"] is True and again["status"] == st.DONE
+    assert row(store, exp["key"])["result"] == '{"x": 1}'
+
+
+def test_forged_token_changes_nothing(make_store):
+    store = make_store(grid([(2, 4)], 1))
+    exp = claim(store)["experiment"]
+    before = row(store, exp["key"])
+    for call in (lambda: store.renew(lease_token="forged", now=T0, lease_seconds=LEASE),
+                 lambda: store.complete("forged", {}, 1.0, now=T0),
+                 lambda: store.fail("forged", "x", 1, 1.0, now=T0),
+                 lambda: store.release(lease_token="forged", reason="x", now=T0)):
+        with pytest.raises(LeaseLost):
+            call()
+    assert row(store, exp["key"]) == before
+
+
+def test_fail_is_error_then_failed_at_max_failures(make_store):
+    store = make_store(grid([(2, 4)], 1), max_failures=2)
+    exp = claim(store)["experiment"]
+    first = store.fail(exp["lease_token"], "boom\ntraceback", 1, 0.5, now=T0 + 1)
+    assert first["status"] == st.ERROR and first["config_done"] is False
+    exp = claim(store, at=T0 + 2)["experiment"]
+    assert exp["attempt"] == 2
+    second = store.fail(exp["lease_token"], "boom again", 1, 0.5, now=T0 + 3)
+    assert second["status"] == st.FAILED and second["config_done"] is True
+    stored = row(store, exp["key"])
+    assert stored["failures"] == 2 and "max_failures" in stored["failed_reason"]
+    assert [a["exit_code"] for a in store.attempts(exp["key"])] == [1, 1]
+
+
+def test_release_is_interrupted_and_does_not_count_as_failure(make_store):
+    store = make_store(grid([(2, 4)], 1))
+    exp = claim(store)["experiment"]
+    assert store.release(lease_token=exp["lease_token"], reason="SIGTERM", now=T0 + 1) == {"released": 1}
+    stored = row(store, exp["key"])
+    assert stored["status"] == st.INTERRUPTED and stored["interruptions"] == 1 and stored["failures"] == 0
+    assert claim(store, "w2", at=T0 + 2)["experiment"]["key"] == exp["key"]
+
+
+def test_release_by_worker_releases_all_its_leases(make_store):
+    store = make_store(grid([(2, 4)], 3))
+    claim(store, "w1"), claim(store, "w1"), claim(store, "w2")
+    assert store.release(worker_id="w1", reason="shutdown", now=T0 + 1) == {"released": 2}
+    assert store.release(worker_id="nobody", reason="shutdown", now=T0 + 1) == {"released": 0}
+    counts = store.status(now=T0 + 1)["totals"]
+    assert counts["interrupted"] == 2 and counts["started"] == 1
+
+
+def test_interruption_budget_ends_in_failed(make_store):
+    store = make_store(grid([(2, 4)], 1), max_interruptions=2)
+    exp = claim(store)["experiment"]
+    store.release(lease_token=exp["lease_token"], reason="x", now=T0 + 1)
+    claim(store, at=T0 + 2)
+    answer = claim(store, "w2", at=T0 + 2 + LEASE + 1)  # the second interruption: an expiry
+    stored = row(store, exp["key"])
+    assert stored["status"] == st.FAILED and "max_interruptions" in stored["failed_reason"]
+    assert answer["experiment"] is None and answer["config_done"] is True
+
+
+def test_handoff_goes_to_the_finisher_exactly_once(make_store):
+    store = make_store(grid([(2, 4), (4, 8), (8, 16)], 2), provider="local")
+    start = store.acquire_provisioning("bootstrap", now=T0)["provision"]
+    assert start["config"] == "c2-m4" and start["previous"] is None
+    assert store.acquire_provisioning("bootstrap", now=T0)["provision"] is None  # already leased
+    store.provisioned(start["provision_token"], now=T0)
+    a, b = claim(store, "w1")["experiment"], claim(store, "w2")["experiment"]
+    first = store.complete(a["lease_token"], {}, 1.0, now=T0 + 1)
+    assert first["provision"] is None and first["config_done"] is False
+    second = store.complete(b["lease_token"], {}, 1.0, now=T0 + 2)
+    assert second["config_done"] is True
+    provision = second["provision"]
+    assert provision["config"] == "c4-m8" and provision["previous"] == "c2-m4" and provision["group_size"] == 1
+    # Repeating the finishing report does not hand off twice.
+    assert store.complete(b["lease_token"], {}, 1.0, now=T0 + 3)["provision"] is None
+    handoffs = [(e["config"], e["worker"]) for e in store.events(kind="handoff")]
+    assert handoffs == [("c2-m4", "bootstrap"), ("c4-m8", "w2")]
+    states = {c["name"]: c["state"] for c in store.status(now=T0)["configs"]}
+    assert states == {"c2-m4": "DONE", "c4-m8": "PROVISIONING", "c8-m16": "WAITING"}
+
+
+def test_idle_workers_of_a_done_config_wait_for_a_pending_handoff(make_store):
+    store = make_store(grid([(2, 4), (4, 8)], 1), provider="local", provision_lease_seconds=100)
+    store.provisioned(store.acquire_provisioning("bootstrap", now=T0)["provision"]["provision_token"], now=T0)
+    exp = claim(store, "w1")["experiment"]
+    store.complete(exp["lease_token"], {}, 1.0, now=T0 + 1)
+    idle = claim(store, "w2", at=T0 + 2)
+    assert idle["config_done"] is True and idle["handoff_pending"] is True
+    assert idle["retry_after"] == pytest.approx(99)
+
+
+def test_lapsed_provisioning_lease_is_taken_over(make_store):
+    store = make_store(grid([(2, 4), (4, 8)], 1), provider="local", provision_lease_seconds=100)
+    first = store.acquire_provisioning("bootstrap", now=T0)["provision"]
+    store.provisioned(first["provision_token"], now=T0)
+    exp = claim(store, "w1")["experiment"]
+    handed = store.complete(exp["lease_token"], {}, 1.0, now=T0 + 1)["provision"]
+    # w1 dies before `provisioned`; w2 (idle, same group) asks after the lease lapsed.
+    assert claim(store, "w2", at=T0 + 50)["provision"] is None
+    taken = claim(store, "w2", at=T0 + 102)["provision"]
+    assert taken["config"] == "c4-m8" and taken["provision_token"] != handed["provision_token"]
+    with pytest.raises(LeaseLost):
+        store.provisioned(handed["provision_token"], now=T0 + 103)
+    store.provisioned(taken["provision_token"], now=T0 + 103)
+    store.provisioned(taken["provision_token"], now=T0 + 104)  # repeated: harmless
+    assert [e["worker"] for e in store.events(kind="provision_takeover")] == ["w2"]
+    assert len(store.events(kind="group_provisioned")) == 2
+    assert claim(store, "w3", at=T0 + 105)["handoff_pending"] is False
+
+
+def test_provider_none_hands_out_no_provisioning_leases(make_store):
+    store = make_store(grid([(2, 4), (4, 8)], 1))
+    assert store.acquire_provisioning("bootstrap", now=T0)["provision"] is None
+    exp = claim(store)["experiment"]
+    assert store.complete(exp["lease_token"], {}, 1.0, now=T0 + 1)["provision"] is None
+
+
+def test_server_start_extends_every_held_lease(make_store):
+    store = make_store(grid([(2, 4)], 2))
+    live = claim(store, "w1")["experiment"]
+    lapsed = claim(store, "w2", at=T0 - 100)["experiment"]
+    assert store.extend_leases(now=T0 + 10, seconds=LEASE) == 2
+    assert row(store, live["key"])["lease_expires_at"] == T0 + LEASE + LEASE
+    assert row(store, lapsed["key"])["lease_expires_at"] == T0 + 10 + LEASE
+
+
+def test_claim_query_is_an_index_seek_at_100k_experiments(make_store):
+    store = make_store(grid([(2, 4), (4, 8)], 50_000))
+    store.conn.execute("ANALYZE")
+    plan = " | ".join(store.explain_claim())
+    assert "USING COVERING INDEX experiments_claimable (config=?)" in plan or \
+        "USING INDEX experiments_claimable (config=?)" in plan, plan
+    assert "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_check_constraints_refuse_unknown_states(make_store):
+    import sqlite3
+
+    store = make_store(grid([(2, 4)], 1))
+    with pytest.raises(sqlite3.IntegrityError):
+        store.conn.execute("UPDATE experiments SET status = 'RUNNING'")
+    with pytest.raises(sqlite3.IntegrityError):
+        store.conn.execute("UPDATE configs SET state = 'BUSY'")
+    with pytest.raises(sqlite3.IntegrityError):
+        store.conn.execute("UPDATE experiments SET status = 'STARTED'")  # a lease needs a token
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert store.conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+
+
+def test_status_counts_match_rows(make_store):
+    store = make_store(grid([(2, 4), (4, 8)], 3))
+    exp = claim(store)["experiment"]
+    store.complete(exp["lease_token"], {}, 1.0, now=T0 + 1)
+    status = store.status(now=T0 + 1)
+    assert status["totals"]["total"] == 6 and status["totals"]["done"] == 1
+    assert status["totals"]["not_started"] == 5
+    first = status["configs"][0]
+    assert {k: first[k] for k in ("name", "cores", "memory_gb", "state")} == \
+        {"name": "c2-m4", "cores": 2, "memory_gb": 4, "state": "RUNNING"}
+    for field in ("total", "not_started", "started", "done", "error", "interrupted", "failed", "legacy"):
+        assert field in first and field in status["totals"]
