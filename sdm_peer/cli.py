@@ -164,5 +164,158 @@ def export(db, run_dir, out):
     click.echo(f"{out}: {count:,} experiments")
 
 
+def setup_logging(verbose=False):
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@main.command()
+@click.option("--db", type=click.Path(dir_okay=False), help="The database file.")
+@click.option("--dir", "run_dir", type=click.Path(file_okay=False),
+              help="A run directory: serves RUNDIR/sdm.db and records server.json.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=7787, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on; 0 takes a free one.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Token file (default DB.token).")
+@click.option("--lease-seconds", type=click.FloatRange(min=0.1),
+              help="Lease period (default: the run's lease_seconds setting, 60).")
+@click.option("--idle-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
+              help="Seconds before an idle connection is closed.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Connections served at once; more are refused with BUSY.")
+def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_connections):
+    """Serve a run's database to workers over TCP (newline-delimited JSON).
+
+    Prints `listening on HOST:PORT` once it accepts connections. SIGTERM or SIGINT stops it
+    after answering the requests in flight."""
+    from .rundir import read_token
+    from .server import serve as run_server
+
+    if bool(db) == bool(run_dir):
+        raise BadInput("give exactly one of --db or --dir")
+    run = RunDir(run_dir) if run_dir else None
+    db_path = run.db if run else Path(db)
+    if not db_path.exists():
+        raise BadInput(f"{db_path}: no such database", hint="create it with `sdm-peer init`")
+    token = read_token(token_file or token_path_for(db_path))
+    setup_logging()
+    run_server(db_path, token, host=host, port=port, lease_seconds=lease_seconds, run_dir=run,
+               idle_timeout=idle_timeout, max_connections=max_connections)
+
+
+def server_client(server, run_dir, token_file, **options):
+    """A client for --server HOST:PORT or --dir RUNDIR."""
+    from .client import Client
+
+    if bool(server) == bool(run_dir):
+        raise BadInput("give exactly one of --server or --dir")
+    if server:
+        return Client.for_server(server, token_file=token_file, **options)
+    return Client.for_run_dir(RunDir(run_dir), token_file=token_file, **options)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--server", help="The server, HOST:PORT.")
+@click.option("--dir", "run_dir", type=click.Path(file_okay=False), help="A run directory instead of --server.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Token file (or set SDM_TOKEN).")
+@click.option("--cores", type=click.IntRange(min=1), help="This worker's cores (default: the machine's).")
+@click.option("--memory-gb", type=click.FloatRange(min=0, min_open=True),
+              help="This worker's memory in GB (default: the machine's, rounded).")
+@click.option("--worker-id", help="A name for this worker (default HOSTNAME:PID).")
+@click.option("--work-dir", type=click.Path(file_okay=False),
+              help="Where attempts' working directories go (default RUNDIR/work or ./sdm-work).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def work(server, run_dir, token_file, cores, memory_gb, worker_id, work_dir, command):
+    """Claim and run experiments of this worker's shape until its config is finished.
+
+    COMMAND (after `--`) runs once per experiment, without a shell, in a fresh working
+    directory, with SDM_EXPERIMENT_KEY, SDM_PARAMS, SDM_PARAMS_FILE, SDM_RESULT_FILE,
+    SDM_ATTEMPT and SDM_WORKDIR set. Without COMMAND, the run's `command` setting is used.
+    Exit 0 means the config is finished; SIGTERM gives the running experiment back."""
+    import os
+
+    from .providers import provider_for
+    from .worker import Worker, default_worker_id, machine_shape
+
+    if (cores is None) != (memory_gb is None):
+        raise BadInput("give both --cores and --memory-gb, or neither")
+    if cores is None:
+        cores, memory_gb = machine_shape()
+    run_root = run_dir or os.environ.get("SDM_RUN_DIR")
+    client = server_client(server, run_dir, token_file, retry_seconds=None)
+    setup_logging()
+    worker = Worker(client, list(command) or None, worker_id=worker_id or default_worker_id(), cores=cores,
+                    memory_gb=memory_gb, work_root=work_dir or (Path(run_root) / "work" if run_root else "sdm-work"),
+                    provider_for=lambda settings: provider_for(settings, run_root),
+                    own_group=os.environ.get("SDM_GROUP"))
+    sys.exit(worker.run())
+
+
+@main.command()
+@click.option("--plan", "plan_file", required=True, type=click.Path(), help="CSV, JSON or JSONL plan file.")
+@click.option("--provider", required=True, type=click.Choice(["local", "gce"]), help="Where groups come from.")
+@click.option("--dir", "run_dir", required=True, type=click.Path(file_okay=False), help="The run directory.")
+@click.option("--lease-seconds", type=click.FloatRange(min=0.1), help="Lease period for the server.")
+@settings_options
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def bootstrap(plan_file, provider, run_dir, lease_seconds, assignments, settings_file, command):
+    """Start a whole run: init RUNDIR/sdm.db, start the server, provision the first group.
+
+    Safe to repeat: on a live run it changes nothing harmful, on a run whose server died it
+    restarts it, and it finishes a provisioning whose lease lapsed."""
+    from .bootstrap import bootstrap as start_run
+
+    if provider == "gce":
+        raise BadInput("the gce provider is not available in this version", hint="use --provider local")
+    settings = collect_settings(assignments, settings_file, provider=provider, command=list(command))
+    run = RunDir(run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    counts = init_run(run.db, plan_file, settings)
+    info = start_run(run, lease_seconds=lease_seconds)
+    click.echo(f"{run.path}: {counts['experiments_added']:,} experiments added; server on "
+               f"{info['host']}:{info['port']}")
+    click.echo(f"watch it with: sdm-peer status --dir {run_dir} --watch 2")
+
+
+@main.command()
+@click.option("--server", help="The server, HOST:PORT.")
+@click.option("--dir", "run_dir", type=click.Path(file_okay=False), help="A run directory instead of --server.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Token file (or set SDM_TOKEN).")
+@click.option("--worker-id", required=True, help="The worker whose leases to give back.")
+@click.option("--reason", default="released by hand", show_default=True, help="Recorded with each attempt.")
+def release(server, run_dir, token_file, worker_id, reason):
+    """Give back every lease a worker holds (its experiments become INTERRUPTED).
+
+    This is what a VM's shutdown script runs when the VM is preempted."""
+    client = server_client(server, run_dir, token_file, retry_seconds=15.0)
+    released = client.call("release", worker_id=worker_id, reason=reason)["released"]
+    click.echo(f"released {released} lease(s) of {worker_id}")
+
+
+@main.command()
+@click.option("--dir", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The run directory.")
+def stop(run_dir):
+    """Stop a run: remove every group (its workers give their leases back), then the server."""
+    from .bootstrap import stop as stop_run
+
+    stop_run(RunDir(run_dir))
+    click.echo(f"{run_dir}: stopped")
+
+
+@main.command()
+@click.option("--dir", "run_dir", default="sdm-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the demo run lives; a previous demo there is replaced.")
+@click.option("--lease-seconds", default=10.0, show_default=True, type=click.FloatRange(min=1),
+              help="Lease period of the demo run.")
+def demo(run_dir, lease_seconds):
+    """Run a small real study on this machine with the local provider and show its progress."""
+    from .demo import run_demo
+
+    run_demo(RunDir(run_dir), lease_seconds=lease_seconds)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,147 @@
+"""The socket protocol (DESIGN §4): newline-delimited JSON, one request -> one response.
+
+Framing, the error envelope, and validation of every op's arguments live here, so that the
+server only ever sees well-formed requests and every refusal has one shape."""
+
+import json
+import math
+
+from .errors import BadInput, SdmPeerError
+
+VERSION = 1
+MAX_LINE = 1 << 20  # bytes, newline included
+MAX_TEXT = 256  # ids, tokens, names
+MAX_ERROR_TEXT = 64 * 1024
+
+_NUMBER = (int, float)
+
+
+class Spec:
+    """One argument: its type, whether it must be given, and its bounds."""
+
+    def __init__(self, kind, required=True, *, positive=False, max_len=MAX_TEXT, nullable=False):
+        self.kind, self.required, self.positive = kind, required, positive
+        self.max_len, self.nullable = max_len, nullable
+
+    def check(self, op, name, value):
+        if value is None and self.nullable:
+            return None
+        kind = self.kind
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if ok and kind is _NUMBER:
+            ok = math.isfinite(value)
+        if not ok:
+            raise BadInput(f"{op}: argument {name!r} must be {_KIND_WORDS[kind]}")
+        if self.positive and value <= 0:
+            raise BadInput(f"{op}: argument {name!r} must be positive")
+        if kind is str and not 0 < len(value) <= self.max_len:
+            raise BadInput(f"{op}: argument {name!r} must be 1 to {self.max_len} characters")
+        return value
+
+
+_KIND_WORDS = {str: "a string", int: "an integer", _NUMBER: "a number", dict: "a JSON object"}
+
+SHAPE = {"worker_id": Spec(str), "cores": Spec(int, positive=True), "memory_gb": Spec(_NUMBER, positive=True)}
+OPS = {
+    "hello": SHAPE,
+    "claim": SHAPE,
+    "renew": {"lease_token": Spec(str, False), "provision_token": Spec(str, False)},
+    "complete": {"lease_token": Spec(str), "result": Spec(dict), "wall_seconds": Spec(_NUMBER)},
+    "fail": {"lease_token": Spec(str), "error": Spec(str, max_len=MAX_ERROR_TEXT),
+             "exit_code": Spec(int, nullable=True), "wall_seconds": Spec(_NUMBER)},
+    "release": {"lease_token": Spec(str, False), "worker_id": Spec(str, False),
+                "reason": Spec(str, False, max_len=1000)},
+    "provisioned": {"provision_token": Spec(str), "worker_id": Spec(str, False)},
+    "acquire_provisioning": {"owner": Spec(str)},
+    "group_deleted": {"config": Spec(str), "worker_id": Spec(str, False)},
+    "status": {},
+}
+# Exactly one of these must be given.
+ONE_OF = {"renew": ("lease_token", "provision_token"), "release": ("lease_token", "worker_id")}
+
+
+class Request:
+    __slots__ = ("id", "op", "token", "args")
+
+    def __init__(self, id, op, token, args):
+        self.id, self.op, self.token, self.args = id, op, token, args
+
+
+class RequestError(SdmPeerError):
+    """A request that cannot be served; carries the request id when it could be read."""
+
+    def __init__(self, error, request_id=None):
+        super().__init__(str(error))
+        self.code = error.code
+        self.request_id = request_id
+
+
+def parse_request(line):
+    """bytes -> Request, or RequestError(BAD_REQUEST) with a human sentence."""
+    request_id = None
+    try:
+        try:
+            message = json.loads(line)
+        except UnicodeDecodeError:
+            raise BadInput("the request is not UTF-8") from None
+        except RecursionError:
+            raise BadInput("the request is nested too deeply") from None
+        except ValueError as exc:
+            raise BadInput(f"the request is not valid JSON ({exc.msg})") from None
+        if not isinstance(message, dict):
+            raise BadInput("a request must be a JSON object")
+        request_id = message.get("id")
+        if isinstance(request_id, bool) or not isinstance(request_id, int):
+            request_id = None
+            raise BadInput("a request needs an integer 'id'")
+        if message.get("v") != VERSION:
+            raise BadInput(f"unsupported protocol version {message.get('v')!r}; this server speaks v{VERSION}")
+        op = message.get("op")
+        if op not in OPS:
+            raise BadInput(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+        args = message.get("args", {})
+        if not isinstance(args, dict):
+            raise BadInput("'args' must be a JSON object")
+        return Request(request_id, op, message.get("token"), check_args(op, args))
+    except BadInput as exc:
+        raise RequestError(exc, request_id) from None
+
+
+def check_args(op, args):
+    specs = OPS[op]
+    unknown = set(args) - set(specs)
+    if unknown:
+        raise BadInput(f"{op}: unknown argument {sorted(unknown)[0]!r}; expected {', '.join(specs) or 'none'}")
+    clean = {}
+    for name, spec in specs.items():
+        if name in args:
+            clean[name] = spec.check(op, name, args[name])
+        elif spec.required:
+            raise BadInput(f"{op}: missing argument {name!r}")
+    if op in ONE_OF and sum(clean.get(name) is not None for name in ONE_OF[op]) != 1:
+        raise BadInput(f"{op}: give exactly one of {' or '.join(ONE_OF[op])}")
+    return clean
+
+
+def encode_request(request_id, op, token, args):
+    return _line({"v": VERSION, "id": request_id, "op": op, "token": token, "args": args})
+
+
+def encode_result(request_id, result):
+    return _line({"v": VERSION, "id": request_id, "ok": True, "result": result})
+
+
+def encode_error(request_id, code, message):
+    return _line({"v": VERSION, "id": request_id, "ok": False, "error": {"code": code, "message": message}})
+
+
+def decode_response(line):
+    """bytes -> dict; raises ValueError when the line is not a response at all."""
+    message = json.loads(line)
+    if not isinstance(message, dict) or message.get("v") != VERSION or "ok" not in message:
+        raise ValueError("not a protocol response")
+    return message
+
+
+def _line(message):
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"

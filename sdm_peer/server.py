@@ -1,0 +1,186 @@
+"""`sdm-peer serve`: the socket service in front of the store (DESIGN §4).
+
+asyncio for the connections; every store call runs on one dedicated thread, so there is
+exactly one writer and the event loop never blocks on SQLite. The token is checked in
+constant time on every request and never logged."""
+
+import asyncio
+import concurrent.futures
+import hmac
+import logging
+import os
+import signal
+import time
+
+from . import protocol
+from .errors import Busy, SdmPeerError, TooLarge, Unauthorized
+from .store import Store
+
+log = logging.getLogger("sdm_peer.server")
+
+DEFAULT_PORT = 7787
+IDLE_TIMEOUT = 300.0  # seconds; workers renew far more often than this
+MAX_CONNECTIONS = 4096
+STOP_GRACE = 10.0  # seconds for in-flight requests to finish on SIGTERM
+
+
+class Server:
+    def __init__(self, db_path, token, *, host="127.0.0.1", port=DEFAULT_PORT, lease_seconds=None,
+                 idle_timeout=IDLE_TIMEOUT, max_connections=MAX_CONNECTIONS, replicated=False,
+                 on_listening=None, clock=time.time):
+        self.db_path, self.host, self.port = db_path, host, port
+        self._token = token.encode()
+        self.lease_seconds = lease_seconds
+        self.idle_timeout, self.max_connections = idle_timeout, max_connections
+        self.replicated, self.on_listening, self.clock = replicated, on_listening, clock
+        self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdm-db")
+        self._store = None
+        self._connections = {}  # task -> True while a request is being served
+        self._stopping = None
+
+    # ---------------------------------------------------------------- store side (db thread)
+
+    def _open(self):
+        self._store = Store(self.db_path, replicated=self.replicated)
+        if self.lease_seconds is None:
+            self.lease_seconds = float(self._store.settings["lease_seconds"])
+        extended = self._store.extend_leases(now=self.clock(), seconds=self.lease_seconds)
+        return extended
+
+    def _dispatch(self, op, args):
+        store, now, lease = self._store, self.clock(), self.lease_seconds
+        if op == "hello":
+            answer = store.hello(args["worker_id"], args["cores"], args["memory_gb"], now=now)
+            return {"lease_seconds": lease, **answer}
+        if op == "claim":
+            return store.claim(args["worker_id"], args["cores"], args["memory_gb"], now=now, lease_seconds=lease)
+        if op == "renew":
+            return store.renew(now=now, lease_seconds=lease, **args)
+        if op == "complete":
+            return store.complete(args["lease_token"], args["result"], args["wall_seconds"], now=now)
+        if op == "fail":
+            return store.fail(args["lease_token"], args["error"], args.get("exit_code"), args["wall_seconds"],
+                              now=now)
+        if op == "release":
+            return store.release(now=now, reason=args.get("reason", "released"),
+                                 lease_token=args.get("lease_token"), worker_id=args.get("worker_id"))
+        if op == "provisioned":
+            return store.provisioned(args["provision_token"], now=now, worker_id=args.get("worker_id"))
+        if op == "acquire_provisioning":
+            return store.acquire_provisioning(args["owner"], now=now)
+        if op == "group_deleted":
+            return store.group_deleted(args["config"], now=now, worker_id=args.get("worker_id"))
+        if op == "status":
+            return store.status(now=now)
+        raise AssertionError(f"op {op!r} passed validation but has no handler")
+
+    def _close_store(self):
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    async def _on_db(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, function, *args)
+
+    # ---------------------------------------------------------------- connections
+
+    async def _serve_connection(self, reader, writer):
+        task = asyncio.current_task()
+        self._connections[task] = False
+        peer = writer.get_extra_info("peername")
+        try:
+            if len(self._connections) > self.max_connections:
+                error = Busy(f"the server has reached its limit of {self.max_connections} connections")
+                writer.write(protocol.encode_error(None, error.code, str(error)))
+                await writer.drain()
+                return
+            while not self._stopping.is_set():
+                try:
+                    line = await asyncio.wait_for(reader.readline(), self.idle_timeout)
+                except asyncio.TimeoutError:
+                    return
+                except (ValueError, asyncio.LimitOverrunError):
+                    # The rest of an over-long line cannot be told from the next request: answer, close.
+                    error = TooLarge(f"a request line may be at most {protocol.MAX_LINE} bytes")
+                    writer.write(protocol.encode_error(None, error.code, str(error)))
+                    await writer.drain()
+                    return
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                self._connections[task] = True
+                writer.write(await self._answer(line, peer))
+                await writer.drain()
+                self._connections[task] = False
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            if not self._stopping.is_set():
+                raise
+        finally:
+            self._connections.pop(task, None)
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+
+    async def _answer(self, line, peer):
+        request_id = None
+        try:
+            request = protocol.parse_request(line)
+            request_id = request.id
+            if not isinstance(request.token, str) or not hmac.compare_digest(request.token.encode(), self._token):
+                raise Unauthorized("missing or wrong token")
+            result = await self._on_db(self._dispatch, request.op, request.args)
+            return protocol.encode_result(request_id, result)
+        except protocol.RequestError as exc:
+            return protocol.encode_error(exc.request_id, exc.code, str(exc))
+        except SdmPeerError as exc:
+            if isinstance(exc, Unauthorized):
+                log.warning("refused a request from %s: %s", peer, exc)
+            return protocol.encode_error(request_id, exc.code, str(exc))
+        except Exception:
+            log.exception("internal error serving a request from %s", peer)
+            return protocol.encode_error(request_id, "INTERNAL", "the server failed on this request; see its log")
+
+    # ---------------------------------------------------------------- life cycle
+
+    async def run(self):
+        """Serve until SIGTERM/SIGINT; then answer in-flight requests and close the database."""
+        self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stopping.set)
+        extended = await self._on_db(self._open)
+        server = await asyncio.start_server(self._serve_connection, self.host, self.port,
+                                            limit=protocol.MAX_LINE, reuse_address=True)
+        host, port = server.sockets[0].getsockname()[:2]
+        log.info("database %s; lease %ss; %d held leases extended", self.db_path, self.lease_seconds, extended)
+        if self.on_listening is not None:
+            self.on_listening(host, port)
+        try:
+            await self._stopping.wait()
+        finally:
+            server.close()
+            for task, busy in list(self._connections.items()):
+                if not busy:
+                    task.cancel()
+            if self._connections:
+                await asyncio.wait(list(self._connections), timeout=STOP_GRACE)
+            await self._on_db(self._close_store)
+            self._db_thread.shutdown(wait=True)
+            log.info("stopped")
+
+
+def serve(db_path, token, *, host, port, lease_seconds=None, run_dir=None, replicated=False, **limits):
+    """Run the server in this process until it is told to stop."""
+    def on_listening(bound_host, bound_port):
+        if run_dir is not None:
+            run_dir.write_server_info(bound_host, bound_port, os.getpid())
+        print(f"listening on {bound_host}:{bound_port}", flush=True)
+
+    server = Server(db_path, token, host=host, port=port, lease_seconds=lease_seconds, replicated=replicated,
+                    on_listening=on_listening, **limits)
+    asyncio.run(server.run())

@@ -1,0 +1,297 @@
+"""`sdm-peer work`: the worker agent (DESIGN §5).
+
+Claims experiments for its own shape, runs COMMAND once per claim in a fresh working directory,
+renews the lease at a third of its period while the command runs, and reports. It never gives up
+on an unreachable server while it holds a result; it gives a lease back on SIGTERM; a provisioning
+lease in an answer makes it create the next group, and a finished config makes it remove its own.
+"""
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from . import settings as settings_mod
+from .errors import LeaseLost, ProviderError, SdmPeerError, ServerUnavailable
+from .failpoints import failpoint
+
+log = logging.getLogger("sdm_peer.worker")
+
+MAX_RESULT_BYTES = 256 * 1024
+ERROR_TAIL_BYTES = 4000
+TERM_GRACE = 10.0  # seconds between SIGTERM and SIGKILL of a command
+SHUTDOWN_DEADLINE = 18.0  # seconds from SIGTERM to exit (the contract says within 20)
+IDLE_BACKOFF = (0.5, 30.0)  # first and longest wait when there is nothing to claim
+POLL = 0.1
+
+
+def machine_shape():
+    """This machine's (cores, memory_gb): memory rounded to a whole GB."""
+    cores = os.cpu_count() or 1
+    try:
+        with open("/proc/meminfo") as meminfo:
+            kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
+    except (OSError, StopIteration, ValueError):
+        raise SdmPeerError("cannot read this machine's memory size",
+                           hint="pass --cores and --memory-gb") from None
+    return cores, max(1, round(kib / 1024 / 1024))
+
+
+def default_worker_id():
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Worker:
+    def __init__(self, client, command, *, worker_id, cores, memory_gb, work_root, provider_for=None,
+                 own_group=None):
+        """`provider_for(settings)` returns the provider that creates and deletes groups (or None);
+        `own_group` names the group this worker belongs to, if a provider started it."""
+        self.client, self.command = client, command
+        self.worker_id, self.cores, self.memory_gb = worker_id, cores, memory_gb
+        self.work_root = Path(work_root).absolute()
+        self.provider_for, self.own_group = provider_for, own_group
+        self.stopping = threading.Event()
+        self.stopped_at = None
+        self.settings = {}
+        self.lease_seconds = settings_mod.DEFAULT_LEASE_SECONDS
+
+    def stop(self, *_):
+        """SIGTERM: stop claiming, end the command, give the lease back, exit."""
+        if not self.stopping.is_set():
+            self.stopped_at = time.monotonic()
+            self.stopping.set()
+
+    def run(self):
+        """Work until the config is finished (0) or the worker is told to stop (143)."""
+        signal.signal(signal.SIGTERM, self.stop)
+        shape = {"worker_id": self.worker_id, "cores": self.cores, "memory_gb": self.memory_gb}
+        hello = self._call("hello", **shape)
+        if hello is None:
+            return 143
+        self.settings, self.lease_seconds = hello["settings"], hello["lease_seconds"]
+        self.command = self.command or self.settings.get("command")
+        if not self.command:
+            raise SdmPeerError("no command to run", hint="give one after `--`, or set `command` in the run settings")
+        log.info("worker %s (%s cores, %s GB) for config %s", self.worker_id, self.cores, self.memory_gb,
+                 hello["config"])
+        idle = IDLE_BACKOFF[0]
+        while not self.stopping.is_set():
+            answer = self._call("claim", **shape)
+            if answer is None:
+                break
+            if answer["provision"]:
+                self.provision(answer["provision"])
+            if answer["experiment"]:
+                self.run_experiment(answer["experiment"])
+                idle = IDLE_BACKOFF[0]
+                continue
+            if answer["config_done"] and not answer["handoff_pending"]:
+                self.remove_own_group(answer["config"])
+                log.info("config %s is done; exiting", answer["config"])
+                return 0
+            wait = idle if answer["retry_after"] is None else min(idle, answer["retry_after"] + POLL)
+            self.stopping.wait(wait)
+            idle = min(idle * 2, IDLE_BACKOFF[1])
+        return 143
+
+    def _call(self, op, **args):
+        """A call that waits out a server outage, unless the worker is told to stop."""
+        while True:
+            try:
+                return self.client.call(op, retry_seconds=2.0, **args)
+            except ServerUnavailable as exc:
+                if self.stopping.is_set() and self._past_deadline():
+                    log.warning("giving up on %s: %s", op, exc)
+                    return None
+                log.info("%s: %s; still trying", op, exc)
+
+    def _past_deadline(self, margin=0.0):
+        return self.stopped_at is not None and time.monotonic() - self.stopped_at > SHUTDOWN_DEADLINE - margin
+
+    # ---------------------------------------------------------------- one experiment
+
+    def run_experiment(self, experiment):
+        token = experiment["lease_token"]
+        workdir = self.work_root / _safe(experiment["key"]) / f"attempt-{experiment['attempt']}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        params_file, result_file = workdir / "params.json", workdir / "result.json"
+        params_file.write_text(json.dumps(experiment["params"]))
+        env = {**os.environ, "SDM_EXPERIMENT_KEY": experiment["key"], "SDM_PARAMS": json.dumps(experiment["params"]),
+               "SDM_PARAMS_FILE": str(params_file), "SDM_RESULT_FILE": str(result_file),
+               "SDM_ATTEMPT": str(experiment["attempt"]), "SDM_WORKDIR": str(workdir)}
+        log.info("running %s (attempt %s) in %s", experiment["key"], experiment["attempt"], workdir)
+        started = time.monotonic()
+        with open(workdir / "stdout.log", "wb") as out, open(workdir / "stderr.log", "wb") as err:
+            try:
+                process = subprocess.Popen(self.command, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                                           stdout=out, stderr=err, start_new_session=True)
+            except OSError as exc:
+                self._report_failure(token, f"cannot start {self.command[0]!r}: {exc.strerror}", None, 0.0)
+                return
+            keeper = LeaseKeeper(self.client, token, self.lease_seconds * settings_mod.RENEW_FRACTION)
+            keeper.start()
+            try:
+                while process.poll() is None and not (self.stopping.is_set() or keeper.lost.is_set()):
+                    try:
+                        process.wait(POLL)
+                    except subprocess.TimeoutExpired:
+                        pass
+            finally:
+                interrupted = process.poll() is None
+                if interrupted:
+                    _terminate(process)
+                keeper.stop()
+        wall = time.monotonic() - started
+        if keeper.lost.is_set():
+            log.warning("lease on %s lost: the command was stopped", experiment["key"])
+        elif interrupted:
+            self._release(token)
+        elif process.returncode == 0:
+            self._report_success(token, result_file, wall)
+        else:
+            tail = _tail(workdir / "stderr.log")
+            self._report_failure(token, tail or f"exited with status {process.returncode}", process.returncode, wall)
+
+    def _report_success(self, token, result_file, wall):
+        try:
+            result = read_result(result_file)
+        except SdmPeerError as exc:
+            self._report_failure(token, str(exc), 0, wall)
+            return
+        self._report("complete", lease_token=token, result=result, wall_seconds=wall)
+
+    def _report_failure(self, token, error, exit_code, wall):
+        self._report("fail", lease_token=token, error=error, exit_code=exit_code, wall_seconds=wall)
+
+    def _report(self, op, **args):
+        """Report an outcome; keep trying while the server is away: the result must not be lost."""
+        try:
+            answer = self._call(op, **args)
+        except LeaseLost as exc:
+            log.warning("report refused: %s", exc)
+            return
+        if answer and answer.get("provision"):
+            self.provision(answer["provision"])
+
+    def _release(self, token):
+        try:
+            self.client.call("release", retry_seconds=max(1.0, SHUTDOWN_DEADLINE - 3 - self._elapsed_stop()),
+                             lease_token=token, reason="worker stopped (SIGTERM)")
+        except LeaseLost:
+            pass  # already taken back or released by an earlier try
+        except ServerUnavailable as exc:
+            log.warning("could not release the lease (it will lapse by itself): %s", exc)
+
+    def _elapsed_stop(self):
+        return 0.0 if self.stopped_at is None else time.monotonic() - self.stopped_at
+
+    # ---------------------------------------------------------------- groups
+
+    def _provider(self):
+        return self.provider_for(self.settings) if self.provider_for else None
+
+    def provision(self, provision):
+        """Create the next config's group, then say so. If this fails or the worker dies, the
+        provisioning lease lapses and the next one to ask takes it over."""
+        provider = self._provider()
+        if provider is None:
+            log.warning("given the provisioning of %s but no provider is configured here", provision["config"])
+            return
+        log.info("provisioning the group of %s", provision["config"])
+        try:
+            provider.create_group(provision)
+        except ProviderError as exc:
+            log.error("could not create the group of %s: %s", provision["config"], exc)
+            return
+        failpoint("after_create_group")
+        try:
+            self._call("provisioned", provision_token=provision["provision_token"], worker_id=self.worker_id)
+        except LeaseLost:
+            log.info("provisioning of %s was taken over meanwhile", provision["config"])
+
+    def remove_own_group(self, config):
+        """The config is finished and handed off: remove the group this worker belongs to.
+        The record goes first, since removing the group may end this very process."""
+        provider = self._provider()
+        if provider is None or self.own_group != config:
+            return
+        self._call("group_deleted", config=config, worker_id=self.worker_id)
+        try:
+            provider.delete_group({"config": config})
+        except ProviderError as exc:
+            log.error("could not delete the group of %s: %s", config, exc)
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews one lease every `interval` seconds until stopped; sets `lost` on LEASE_LOST.
+    An unreachable server is retried until the next renewal is due, then tried again."""
+
+    def __init__(self, client, token, interval):
+        super().__init__(daemon=True, name="lease-keeper")
+        self.client, self.token, self.interval = client, token, interval
+        self.lost = threading.Event()
+        self._done = threading.Event()
+
+    def run(self):
+        while not self._done.wait(self.interval):
+            try:
+                self.client.call("renew", retry_seconds=self.interval, lease_token=self.token)
+            except LeaseLost:
+                self.lost.set()
+                return
+            except ServerUnavailable as exc:
+                log.warning("could not renew the lease: %s", exc)
+
+    def stop(self):
+        self._done.set()
+        self.join()
+
+
+def read_result(path):
+    """The command's result: the JSON object in SDM_RESULT_FILE, or {} when it wrote none."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return {}
+    if size > MAX_RESULT_BYTES:
+        raise SdmPeerError(f"the result file is {size} bytes; at most {MAX_RESULT_BYTES} are allowed")
+    try:
+        result = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SdmPeerError(f"the result file is not valid JSON: {exc}") from None
+    if not isinstance(result, dict):
+        raise SdmPeerError(f"the result file must hold a JSON object, not {type(result).__name__}")
+    return result
+
+
+def _terminate(process):
+    """SIGTERM to the command's whole process group, SIGKILL after a grace period."""
+    for signum, grace in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(path):
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - ERROR_TAIL_BYTES))
+        return handle.read().decode("utf-8", "replace").strip()
+
+
+def _safe(key):
+    """A key as a directory name: nothing that climbs out or hides."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", key).lstrip(".") or "_"
