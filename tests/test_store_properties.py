@@ -25,7 +25,7 @@ from .conftest import T0, grid, write_plan
 LEASE = 30.0
 PROVISION_LEASE = 45.0
 SHAPES = [(2, 4), (4, 8), (8, 16)]
-PER_CONFIG = 3
+PER_CONFIG = 2
 WORKERS = ["w1", "w2", "w3", "w4"]
 CONFIG_ORDER = {state: index for index, state in enumerate(st.CONFIG_STATES)}
 COUNT_FIELDS = ["total", *st.COUNT_FIELDS.values()]
@@ -81,6 +81,16 @@ class StoreMachine(RuleBasedStateMachine):
             assert provision["provision_token"] not in self.provision_tokens
             self.provision_tokens.append(provision["provision_token"])
 
+    def lease_token(self, data):
+        """A token handed out so far: often one that is held right now, else any (stale ones
+        and a forged one included)."""
+        held = [token for (token,) in self.conn.execute(
+            "SELECT lease_token FROM experiments WHERE lease_token IS NOT NULL ORDER BY id")]
+        choices = hs.sampled_from(list(self.lease_tokens))
+        if held:
+            choices = hs.one_of(hs.sampled_from(held), choices)
+        return data.draw(choices)
+
     def shape_of_state(self, states):
         return [(row["cores"], row["memory_gb"]) for row in self.conn.execute(
             "SELECT cores, memory_gb FROM configs WHERE state IN (%s)" % ",".join("?" * len(states)),
@@ -117,7 +127,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(data=hs.data())
     def renew(self, data):
-        token = data.draw(hs.sampled_from(list(self.lease_tokens)))
+        token = self.lease_token(data)
         answer = self.call(self.store.renew, lease_token=token, lease_seconds=LEASE)
         if answer is not None:
             expires = self.conn.execute("SELECT lease_expires_at FROM experiments WHERE lease_token = ?",
@@ -126,17 +136,17 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(data=hs.data(), value=hs.integers(0, 9))
     def complete(self, data, value):
-        token = data.draw(hs.sampled_from(list(self.lease_tokens)))
+        token = self.lease_token(data)
         self.call(self.store.complete, token, {"value": value, "token": token}, float(value))
 
     @rule(data=hs.data(), exit_code=hs.integers(1, 3))
     def fail(self, data, exit_code):
-        token = data.draw(hs.sampled_from(list(self.lease_tokens)))
+        token = self.lease_token(data)
         self.call(self.store.fail, token, "boom", exit_code, 0.5)
 
     @rule(data=hs.data())
     def release_token(self, data):
-        token = data.draw(hs.sampled_from(list(self.lease_tokens)))
+        token = self.lease_token(data)
         held = self.conn.execute("SELECT COUNT(*) FROM experiments WHERE lease_token = ?", (token,)).fetchone()[0]
         answer = self.call(self.store.release, lease_token=token, reason="SIGTERM")
         assert (answer is not None) == bool(held)
