@@ -59,12 +59,16 @@ def init_run(db, plan_file, settings, token_file=None):
     from .store import Store
 
     plan = read_plan(plan_file)
+    token_path = Path(token_file or token_path_for(db))
+    for target in (Path(db), token_path):
+        if not target.parent.is_dir():
+            raise BadInput(f"{target}: no such directory {str(target.parent)!r}")
     store = Store(db)
     try:
         counts = store.import_plan(plan, settings=settings, now=now())
     finally:
         store.close()
-    write_token(token_file or token_path_for(db))
+    write_token(token_path)
     return counts
 
 

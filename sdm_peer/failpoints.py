@@ -1,7 +1,8 @@
 """Failpoints: named places where a test can make a process die as if killed (-9).
 
-Set SDM_FAILPOINTS=name[,name...] in a process's environment; when it reaches a named
-place it exits at once with status 137, without cleanup. Nothing happens otherwise."""
+Set SDM_FAILPOINTS=name[,name...] in a process's environment; when it reaches a named place it
+exits at once with status 137, without cleanup. `name=FILE` fires only once across processes:
+in the first one to create FILE. Nothing happens when the variable is unset."""
 
 import os
 
@@ -9,5 +10,13 @@ ENV = "SDM_FAILPOINTS"
 
 
 def failpoint(name):
-    if name in os.environ.get(ENV, "").split(","):
+    for entry in filter(None, os.environ.get(ENV, "").split(",")):
+        point, _, marker = entry.partition("=")
+        if point != name:
+            continue
+        if marker:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         os._exit(137)

@@ -8,6 +8,7 @@ A plan is parsed and checked whole before anything is written: a bad row refuses
 import csv
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ def _rows(path, text):
     kind = _format(path, text)
     if kind == "json":
         try:
-            data = json.loads(text)
+            data = _json_loads(text)
         except ValueError as exc:
             raise PlanError(f"{path}: not valid JSON: {exc}") from None
         if not isinstance(data, list):
@@ -77,7 +78,7 @@ def _rows(path, text):
                 continue
             number += 1
             try:
-                row = json.loads(line)
+                row = _json_loads(line)
             except ValueError as exc:
                 raise PlanError(f"{path}: row {number} (line {line_number}): not valid JSON: {exc}") from None
             yield f"row {number} (line {line_number})", row
@@ -109,8 +110,25 @@ def _csv_value(value):
     value = value.strip()
     if _INT.fullmatch(value):
         return int(value)
-    if _FLOAT.fullmatch(value):
+    if _FLOAT.fullmatch(value) and math.isfinite(float(value)):
         return float(value)
+    return value
+
+
+def _json_loads(text):
+    """JSON as the standard has it: NaN, Infinity and numbers that overflow to inf are refused
+    (SQLite would store NaN as NULL and refuses them inside JSON text)."""
+    return json.loads(text, parse_constant=_not_a_number, parse_float=_finite_float)
+
+
+def _not_a_number(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large for a number")
     return value
 
 

@@ -12,6 +12,7 @@ VERSION = 1
 MAX_LINE = 1 << 20  # bytes, newline included
 MAX_TEXT = 256  # ids, tokens, names
 MAX_ERROR_TEXT = 64 * 1024
+MAX_INT = (1 << 63) - 1  # SQLite's integers are 64-bit
 
 _NUMBER = (int, float)
 
@@ -28,9 +29,11 @@ class Spec:
             return None
         kind = self.kind
         ok = isinstance(value, kind) and not isinstance(value, bool)
-        if ok and kind is _NUMBER:
-            ok = math.isfinite(value)
         if not ok:
+            raise BadInput(f"{op}: argument {name!r} must be {_KIND_WORDS[kind]}")
+        if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
+            raise BadInput(f"{op}: argument {name!r} is out of range")
+        if kind is _NUMBER and not math.isfinite(value):
             raise BadInput(f"{op}: argument {name!r} must be {_KIND_WORDS[kind]}")
         if self.positive and value <= 0:
             raise BadInput(f"{op}: argument {name!r} must be positive")
@@ -81,7 +84,7 @@ def parse_request(line):
     request_id = None
     try:
         try:
-            message = json.loads(line)
+            message = json.loads(line, parse_constant=_refuse_constant, parse_float=_finite_float)
         except UnicodeDecodeError:
             raise BadInput("the request is not UTF-8") from None
         except RecursionError:
@@ -94,7 +97,7 @@ def parse_request(line):
         if isinstance(request_id, bool) or not isinstance(request_id, int):
             request_id = None
             raise BadInput("a request needs an integer 'id'")
-        if message.get("v") != VERSION:
+        if isinstance(message.get("v"), bool) or message.get("v") != VERSION:
             raise BadInput(f"unsupported protocol version {message.get('v')!r}; this server speaks v{VERSION}")
         op = message.get("op")
         if op not in OPS:
@@ -105,6 +108,17 @@ def parse_request(line):
         return Request(request_id, op, message.get("token"), check_args(op, args))
     except BadInput as exc:
         raise RequestError(exc, request_id) from None
+
+
+def _refuse_constant(name):
+    raise BadInput(f"the request holds {name}, which is not a JSON number")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadInput(f"the number {text[:40]} is too large")
+    return value
 
 
 def check_args(op, args):

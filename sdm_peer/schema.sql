@@ -20,8 +20,9 @@ CREATE TABLE IF NOT EXISTS configs (
     group_size  INTEGER NOT NULL CHECK (group_size > 0),
     state       TEXT NOT NULL DEFAULT 'WAITING'
                 CHECK (state IN ('WAITING', 'PROVISIONING', 'RUNNING', 'DONE')),
-    -- The provisioning lease: who must create this config's group, until when. The token
-    -- stays after `provisioned` (expiry cleared) so a repeated report is recognised.
+    -- The provisioning lease: who must create this config's group, until when. An expiry is
+    -- set exactly while the lease is outstanding; the token stays after `provisioned` (expiry
+    -- cleared) so that a repeated report is recognised.
     provision_owner      TEXT,
     provision_token      TEXT UNIQUE,
     provision_expires_at REAL,

@@ -84,8 +84,12 @@ class Store:
         if not create and not path.exists():
             raise SdmPeerError(f"{path}: no such database", hint="create it with `sdm-peer init`")
         self.path = path
-        self.conn = connect(str(path), replicated=replicated)
-        if self.conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+        try:
+            self.conn = connect(str(path), replicated=replicated)
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:  # a missing directory, a file that is not a database
+            raise SdmPeerError(f"{path}: cannot open the database: {exc}") from None
+        if version != SCHEMA_VERSION:
             with self._write():
                 for statement in _statements(schema_sql()):
                     self.conn.execute(statement)
@@ -223,9 +227,7 @@ class Store:
         next_expiry = db.execute(
             f"SELECT MIN(lease_expires_at) FROM experiments WHERE config = ? AND status = '{st.STARTED}'",
             (config_id,)).fetchone()[0]
-        pending = db.execute(
-            f"SELECT MIN(provision_expires_at) FROM configs WHERE state = '{st.PROVISIONING}'"
-            " AND provisioned_at IS NULL").fetchone()[0]
+        pending = db.execute("SELECT MIN(provision_expires_at) FROM configs").fetchone()[0]
         waits = [moment - now for moment in (next_expiry, pending) if moment is not None]
         return {"config": config["name"], "config_done": done, "handoff_pending": pending is not None,
                 "retry_after": max(0.0, min(waits)) if waits else None}
@@ -237,8 +239,8 @@ class Store:
             if provision_token is not None:
                 seconds = self.settings["provision_lease_seconds"]
                 row = db.execute(
-                    f"UPDATE configs SET provision_expires_at = ? WHERE provision_token = ?"
-                    f" AND state = '{st.PROVISIONING}' AND provisioned_at IS NULL RETURNING id",
+                    "UPDATE configs SET provision_expires_at = ? WHERE provision_token = ?"
+                    " AND provision_expires_at IS NOT NULL RETURNING id",
                     (now + seconds, provision_token)).fetchone()
                 if row is None:
                     raise LeaseLost("this provisioning lease is no longer held")
@@ -427,13 +429,14 @@ class Store:
                 "lease_seconds_left": self.settings["provision_lease_seconds"], "previous": None}
 
     def _take_over_provisioning(self, db, owner, now):
-        """A provisioning lease that lapsed before `provisioned` goes to the next one to ask."""
+        """A provisioning lease that lapsed before `provisioned` goes to the next one to ask.
+        This holds even when workers of the new group already claim: the duty includes
+        recording the group, and creating it again is harmless (create_group is idempotent)."""
         if self.settings["provider"] == "none":
             return None
         row = db.execute(
-            f"""UPDATE configs SET provision_owner = ?, provision_token = ?, provision_expires_at = ?
-                WHERE id = (SELECT id FROM configs WHERE state = '{st.PROVISIONING}'
-                            AND provisioned_at IS NULL AND provision_expires_at <= ?
+            """UPDATE configs SET provision_owner = ?, provision_token = ?, provision_expires_at = ?
+                WHERE id = (SELECT id FROM configs WHERE provision_expires_at <= ?
                             ORDER BY sequence LIMIT 1)
                 RETURNING name, cores, memory_gb, group_size, provision_token""",
             (owner, secrets.token_urlsafe(18), now + self.settings["provision_lease_seconds"], now)).fetchone()
@@ -487,8 +490,8 @@ class Store:
                 f"UPDATE experiments SET lease_expires_at = MAX(lease_expires_at, :now) + :seconds"
                 f" WHERE status = '{st.STARTED}'", {"now": now, "seconds": seconds}).rowcount
             db.execute(
-                f"UPDATE configs SET provision_expires_at = MAX(provision_expires_at, :now) + :seconds"
-                f" WHERE state = '{st.PROVISIONING}' AND provisioned_at IS NULL",
+                "UPDATE configs SET provision_expires_at = MAX(provision_expires_at, :now) + :seconds"
+                " WHERE provision_expires_at IS NOT NULL",
                 {"now": now, "seconds": self.settings["provision_lease_seconds"]})
             self._event(db, now, "server_started", None, None, {"leases_extended": extended})
         return extended

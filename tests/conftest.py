@@ -48,3 +48,20 @@ def cli_env(tmp_path, monkeypatch):
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A run directory whose processes are all gone when the test ends (else the test fails)."""
+    from sdm_peer.bootstrap import stop
+    from sdm_peer.rundir import RunDir
+
+    from .runs import kill_all, processes_of
+
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.path.mkdir()
+    yield run_dir
+    stop(run_dir)
+    leftovers = processes_of(tmp_path)
+    kill_all(tmp_path)
+    assert not leftovers, f"processes left behind: {leftovers}"
