@@ -17,6 +17,8 @@ from .errors import PlanError
 from .store import config_name
 
 RESERVED = ("cores", "memory_gb", "key", "group_size")
+# Params travel in the environment (SDM_PARAMS), where Linux caps one variable at 128 KiB.
+MAX_PARAMS_BYTES = 64 * 1024
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
 
@@ -158,6 +160,10 @@ def _build(path, rows):
         elif group_size is not None:
             config.group_size = group_size
         params = {k: v for k, v in row.items() if k not in RESERVED}
+        size = len(json.dumps(params))
+        if size > MAX_PARAMS_BYTES:
+            raise PlanError(f"{where}: params take {size:,} bytes; at most {MAX_PARAMS_BYTES:,} are allowed"
+                            " (put large inputs in files the command reads)")
         key = row.get("key")
         if key is None:
             key = _made_key(name, params, repeats)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from . import settings as settings_mod
-from .errors import LeaseLost, ProviderError, SdmPeerError, ServerUnavailable
+from .errors import BadInput, LeaseLost, ProviderError, SdmPeerError, ServerUnavailable
 from .failpoints import failpoint
 
 log = logging.getLogger("sdm_peer.worker")
@@ -77,7 +77,7 @@ class Worker:
         self.settings, self.lease_seconds = hello["settings"], hello["lease_seconds"]
         self.command = self.command or self.settings.get("command")
         if not self.command:
-            raise SdmPeerError("no command to run", hint="give one after `--`, or set `command` in the run settings")
+            raise BadInput("no command to run", hint="give one after `--`, or set `command` in the run settings")
         log.info("worker %s (%s cores, %s GB) for config %s", self.worker_id, self.cores, self.memory_gb,
                  hello["config"])
         idle = IDLE_BACKOFF[0]

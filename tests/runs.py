@@ -34,6 +34,8 @@ if params.get("first_attempt_sleep") and os.environ["SDM_ATTEMPT"] == "1":
     seconds = params["first_attempt_sleep"]
 time.sleep(seconds)
 result = params.get("raw_result")
+if params.get("result_bytes"):
+    result = json.dumps({"big": "x" * params["result_bytes"]})
 if result is not None:
     open(os.environ["SDM_RESULT_FILE"], "w").write(result)
 else:
