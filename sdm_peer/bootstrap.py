@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from . import replication
 from .client import Client
 from .errors import SdmPeerError, ServerUnavailable
 from .providers import provider_for
@@ -42,8 +43,9 @@ def server_answers(run):
         client.close()
 
 
-def ensure_server(run, *, lease_seconds=None, host="127.0.0.1"):
-    """Start `sdm-peer serve --dir RUN` in the background unless it already answers."""
+def ensure_server(run, *, lease_seconds=None, host="127.0.0.1", replica_url=None):
+    """Start `sdm-peer serve --dir RUN` in the background unless it already answers; with a
+    replica, push the database first and serve it under Litestream."""
     if server_answers(run):
         return run.server_info()
     previous = run.server_info() or {}
@@ -52,6 +54,9 @@ def ensure_server(run, *, lease_seconds=None, host="127.0.0.1"):
                "--port", str(port)]
     if lease_seconds is not None:
         command += ["--lease-seconds", str(lease_seconds)]
+    if replica_url:
+        replication.push(run.db, replica_url)
+        command += ["--replicate", "--replica", replica_url]
     if run.server_file.exists():
         run.server_file.unlink()
     with open(run.server_log, "ab") as logfile:
@@ -61,10 +66,11 @@ def ensure_server(run, *, lease_seconds=None, host="127.0.0.1"):
     while time.monotonic() < deadline:
         if process.poll() is not None:
             if port:  # the old port is taken: any free one will do, workers re-read server.json
-                return ensure_server_on_free_port(run, lease_seconds=lease_seconds, host=host)
+                return ensure_server_on_free_port(run, lease_seconds=lease_seconds, host=host,
+                                                  replica_url=replica_url)
             raise SdmPeerError(f"the server exited with status {process.returncode}",
                                hint=f"see {run.server_log}")
-        if (run.server_info() or {}).get("pid") == process.pid:
+        if run.server_file.exists():  # written by the new server once it listens
             return run.server_info()
         time.sleep(0.05)
     process.terminate()
@@ -78,10 +84,10 @@ def ensure_server_on_free_port(run, **options):
 
 def bootstrap(run, *, lease_seconds=None, owner="bootstrap"):
     """Bring a run (already initialised in `run`) to a working state; return the server info."""
-    info = ensure_server(run, lease_seconds=lease_seconds)
     store = Store(run.db, create=False)
     settings = store.settings
     store.close()
+    info = ensure_server(run, lease_seconds=lease_seconds, replica_url=settings.get("replica_url"))
     client = server_client(run, retry_seconds=10.0)
     try:
         provider = provider_for(settings, run.path)

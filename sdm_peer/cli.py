@@ -104,11 +104,16 @@ def target_options(command):
     return command
 
 
-def status_source(db, server, run_dir, token_file):
+def status_source(db, server, run_dir, token_file, replica=None):
     """A function returning the run's status object, from whichever target was given."""
-    given = [name for name, value in (("--db", db), ("--server", server), ("--dir", run_dir)) if value]
+    given = [name for name, value in (("--db", db), ("--server", server), ("--dir", run_dir),
+                                      ("--replica", replica)) if value]
     if len(given) != 1:
-        raise BadInput("give exactly one of --db, --server or --dir")
+        raise BadInput("give exactly one of --db, --server, --dir or --replica")
+    if replica:
+        from .replication import status_from_replica
+
+        return lambda: status_from_replica(replica)
     if server:
         from .client import Client
 
@@ -117,17 +122,32 @@ def status_source(db, server, run_dir, token_file):
     from .store import Store
 
     store = Store(RunDir(run_dir).db if run_dir else db, create=False)
-    return lambda: store.status(now=now())
+
+    def read():
+        answer = store.status(now=now())
+        replica_url = store.settings.get("replica_url")
+        if replica_url:
+            from .replication import ReplicationError, status as replication_status
+
+            try:
+                answer["replication"] = replication_status(store.path, replica_url)
+            except ReplicationError as exc:
+                answer["replication"] = {"replica_url": replica_url, "error": str(exc)}
+        return answer
+    return read
 
 
 @main.command()
 @target_options
+@click.option("--replica", metavar="URL", help="Read a read-only status straight from a replica.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (DESIGN §5).")
 @click.option("--watch", type=float, metavar="SECONDS", help="Refresh every SECONDS until interrupted.")
 @click.option("--all", "show_all", is_flag=True, help="Show every config, even in a long run.")
-def status(db, server, run_dir, token_file, as_json, watch, show_all):
-    """Where the run stands: per config, how many experiments are done, running, waiting, failed."""
-    read = status_source(db, server, run_dir, token_file)
+def status(db, server, run_dir, token_file, replica, as_json, watch, show_all):
+    """Where the run stands: per config, how many experiments are done, running, waiting, failed.
+
+    With replication on, also how long ago the replica last received a change."""
+    read = status_source(db, server, run_dir, token_file, replica)
     if as_json:
         while True:
             click.echo(json.dumps(read()))
@@ -168,6 +188,21 @@ def export(db, run_dir, out):
     click.echo(f"{out}: {count:,} experiments")
 
 
+@main.command()
+@click.option("--replica", required=True, metavar="URL", help="gs://BUCKET/PATH or file:///PATH.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the database.")
+@click.option("--force", is_flag=True, help="Replace an existing database at --out.")
+def restore(replica, out, force):
+    """Restore a run's database from its Litestream replica.
+
+    A missing, empty or corrupted replica is an error; the restored file is checked before it
+    is put in place."""
+    from .replication import restore as restore_database
+
+    restore_database(replica, out, force=force)
+    click.echo(f"{out}: restored from {replica}")
+
+
 def setup_logging(verbose=False):
     import logging
 
@@ -189,11 +224,18 @@ def setup_logging(verbose=False):
               help="Seconds before an idle connection is closed.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Connections served at once; more are refused with BUSY.")
-def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_connections):
+@click.option("--replicate", is_flag=True,
+              help="Run under `litestream replicate` (a missing database is restored from the replica first).")
+@click.option("--replica", metavar="URL", help="Replica URL for --replicate (default $SDM_REPLICA_URL).")
+def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_connections, replicate, replica):
     """Serve a run's database to workers over TCP (newline-delimited JSON).
 
     Prints `listening on HOST:PORT` once it accepts connections. SIGTERM or SIGINT stops it
-    after answering the requests in flight."""
+    after answering the requests in flight. With --replicate, Litestream ships every change
+    to the replica (gs://BUCKET/PATH or file:///PATH) and the server dies with it."""
+    import os
+
+    from . import replication
     from .rundir import read_token
     from .server import serve as run_server
 
@@ -201,12 +243,27 @@ def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_
         raise BadInput("give exactly one of --db or --dir")
     run = RunDir(run_dir) if run_dir else None
     db_path = run.db if run else Path(db)
+    token_path = token_file or token_path_for(db_path)
+    if replicate:
+        replica = replica or os.environ.get(replication.REPLICA_ENV)
+        if not replica:
+            raise BadInput("--replicate needs a replica URL", hint="pass --replica URL or set SDM_REPLICA_URL")
+        read_token(token_path)  # refuse a bad token before anything is restored
+        target = ["--dir", str(run.path)] if run else ["--db", str(db_path.absolute())]
+        target += ["--token-file", str(Path(token_path).absolute())]
+        replication.exec_replicated_server(db_path, replica, [
+            *target, "--host", host, "--port", str(port), "--idle-timeout", str(idle_timeout),
+            "--max-connections", str(max_connections),
+            *(["--lease-seconds", str(lease_seconds)] if lease_seconds else [])])
     if not db_path.exists():
         raise BadInput(f"{db_path}: no such database", hint="create it with `sdm-peer init`")
-    token = read_token(token_file or token_path_for(db_path))
+    token = read_token(token_path)
+    replicated = os.environ.get(replication.REPLICATED_ENV) == "1"
+    if replicated:
+        replication.die_with_litestream()
     setup_logging()
     run_server(db_path, token, host=host, port=port, lease_seconds=lease_seconds, run_dir=run,
-               idle_timeout=idle_timeout, max_connections=max_connections)
+               idle_timeout=idle_timeout, max_connections=max_connections, replicated=replicated)
 
 
 def server_client(server, run_dir, token_file, **options):

@@ -53,7 +53,7 @@ class Client:
         Transport failures are retried for `retry_seconds` (default: the client's), then
         ServerUnavailable is raised."""
         limit = self.retry_seconds if retry_seconds is ... else retry_seconds
-        stop = tenacity.stop_never if limit is None else tenacity.stop_after_delay(limit)
+        stop = tenacity.stop_never if limit is None else tenacity.stop_before_delay(limit)
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(TransportError),
             wait=tenacity.wait_random_exponential(multiplier=0.2, max=MAX_BACKOFF),

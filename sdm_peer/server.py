@@ -155,7 +155,7 @@ class Server:
             loop.add_signal_handler(signum, self._stopping.set)
         extended = await self._on_db(self._open)
         server = await asyncio.start_server(self._serve_connection, self.host, self.port,
-                                            limit=protocol.MAX_LINE, reuse_address=True)
+                                            limit=protocol.MAX_LINE - 1, reuse_address=True)
         host, port = server.sockets[0].getsockname()[:2]
         log.info("database %s; lease %ss; %d held leases extended", self.db_path, self.lease_seconds, extended)
         if self.on_listening is not None:

@@ -37,6 +37,8 @@ def status_table(status, *, show_all=False):
     table.add_section()
     table.add_row(Text("all", style="bold"), "", *_count_cells(totals))
     parts = [table]
+    if "replication" in status:
+        parts.append(replication_line(status["replication"]))
     hidden = len(configs) - len(shown)
     if hidden:
         by_state = {}
@@ -61,3 +63,16 @@ def _count_cells(counts):
     waiting = counts["not_started"] + counts["interrupted"]
     started = f"{counts['started']:,}" + (f" ({counts['expired']} lapsed)" if counts.get("expired") else "")
     return [bar, percent, f"{counts['done']:,}", started, f"{waiting:,}", f"{counts['error']:,}", f"{counts['failed']:,}"]
+
+
+def replication_line(replication):
+    """One line on the replica: in sync or how far behind, and when it last received a change."""
+    url = replication["replica_url"]
+    if replication.get("error"):
+        return Text(f"replica {url}: {replication['error']}", style="red")
+    since = replication.get("seconds_since_sync")
+    if since is None:
+        return Text(f"replica {url}: no backup yet", style="yellow")
+    state = "in sync" if replication["in_sync"] else "behind"
+    return Text(f"replica {url}: {state}; last change shipped {since:.0f}s ago",
+                style="green" if replication["in_sync"] else "yellow")

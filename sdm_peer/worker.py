@@ -263,12 +263,16 @@ def read_result(path):
     if size > MAX_RESULT_BYTES:
         raise SdmPeerError(f"the result file is {size} bytes; at most {MAX_RESULT_BYTES} are allowed")
     try:
-        result = json.loads(path.read_bytes())
+        result = json.loads(path.read_bytes(), parse_constant=_refuse_non_finite)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SdmPeerError(f"the result file is not valid JSON: {exc}") from None
     if not isinstance(result, dict):
         raise SdmPeerError(f"the result file must hold a JSON object, not {type(result).__name__}")
     return result
+
+
+def _refuse_non_finite(constant):
+    raise ValueError(f"{constant} is not a JSON number (write null instead)")
 
 
 def _terminate(process):

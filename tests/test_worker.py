@@ -59,6 +59,7 @@ def test_command_gets_the_environment_contract_in_a_fresh_directory_per_attempt(
 @pytest.mark.parametrize("params, message", [
     ({"raw_result": "[1, 2]"}, "must hold a JSON object"),
     ({"raw_result": "{not json"}, "not valid JSON"),
+    ({"raw_result": '{"loss": NaN}'}, "NaN is not a JSON number"),
     ({"result_bytes": MAX_RESULT_BYTES}, "at most"),
 ])
 def test_a_bad_result_file_is_an_error_with_a_clear_message(served, tmp_path, params, message):

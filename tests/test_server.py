@@ -1,0 +1,540 @@
+"""`sdm-peer serve` as a real process on 127.0.0.1, spoken to over raw sockets (DESIGN §4, §5).
+
+Every server a test starts is stopped by the `start_server` fixture with SIGTERM, which also
+checks that it exits 0 within STOP_TIMEOUT seconds."""
+
+import itertools
+import json
+import os
+import re
+import selectors
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sdm_peer.cli import init_run
+from sdm_peer.protocol import MAX_LINE
+from sdm_peer.rundir import read_token, token_path_for
+from sdm_peer.settings import validate
+
+from .conftest import grid, write_plan
+
+START_TIMEOUT = 20.0  # seconds for a server process to print its listening line
+STOP_TIMEOUT = 10.0  # seconds for a server process to exit after SIGTERM
+SHAPE = {"cores": 2, "memory_gb": 4}
+
+
+def make_run(directory, rows, **settings):
+    """A run database (DIR/sdm.db) created the way `sdm-peer init` does; returns (db, token)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    db = directory / "sdm.db"
+    init_run(db, write_plan(directory / "plan.json", rows), validate(settings))
+    return db, read_token(token_path_for(db))
+
+
+class ServerProcess:
+    """One `python -m sdm_peer serve` child; stdout is read up to its listening line, stderr goes to a file."""
+
+    def __init__(self, argv, log_path):
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log)
+        self.pid = self.proc.pid
+        self.listening_line = self._read_line()
+        match = re.fullmatch(r"listening on (\S+):(\d+)", self.listening_line)
+        assert match, f"unexpected first line {self.listening_line!r}"
+        self.address = (match.group(1), int(match.group(2)))
+
+    def _read_line(self):
+        deadline = time.monotonic() + START_TIMEOUT
+        buffer = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            while b"\n" not in buffer:
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    self.stop(check=False)
+                    pytest.fail(f"the server printed no listening line in {START_TIMEOUT}s:\n{self.log()}")
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    self.stop(check=False)
+                    pytest.fail(f"the server exited before listening:\n{self.log()}")
+                buffer += chunk
+        return buffer.split(b"\n", 1)[0].decode()
+
+    def stop(self, check=True):
+        """SIGTERM and wait; returns the exit code. Safe to call twice."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT)
+            if check:
+                raise AssertionError(f"the server did not exit within {STOP_TIMEOUT}s of SIGTERM") from None
+            code = self.proc.returncode
+        self.proc.stdout.close()
+        self._log.close()
+        return code
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """start_server(db, *options, port=0, lease_seconds=2, run_dir=None) -> ServerProcess."""
+    started = []
+
+    def start(db=None, *options, port=0, lease_seconds=2, run_dir=None):
+        target = ["--dir", str(run_dir)] if run_dir is not None else ["--db", str(db)]
+        argv = [sys.executable, "-m", "sdm_peer", "serve", *target, "--port", str(port),
+                "--lease-seconds", str(lease_seconds), *options]
+        server = ServerProcess(argv, tmp_path / f"server{len(started)}.log")
+        started.append(server)
+        return server
+
+    yield start
+    codes = [server.stop() for server in started]
+    assert codes == [0] * len(started), f"server exit codes {codes}"
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A run of 3 experiments of shape c2-m4: (db, token)."""
+    return make_run(tmp_path / "run", grid([(2, 4)], 3))
+
+
+class Conn:
+    """A raw protocol connection: send bytes or requests, read one answer line at a time."""
+
+    def __init__(self, address, token=None, timeout=10.0):
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.file = self.sock.makefile("rb")
+        self.token = token
+        self.ids = itertools.count(1)
+        self.raw = []  # every answer line, as received
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def read(self):
+        line = self.file.readline()
+        assert line.endswith(b"\n"), f"no answer line, got {line!r}"
+        self.raw.append(line)
+        return json.loads(line)
+
+    def ask(self, op, *, request_id=None, token=..., **args):
+        request_id = next(self.ids) if request_id is None else request_id
+        token = self.token if token is ... else token
+        message = {"v": 1, "id": request_id, "op": op, "args": args}
+        if token is not None:
+            message["token"] = token
+        self.send(json.dumps(message).encode() + b"\n")
+        answer = self.read()
+        assert answer["id"] == request_id and answer["v"] == 1
+        return answer
+
+    def closed_by_server(self, within):
+        """True once the server closes the connection (EOF) within `within` seconds."""
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(within)
+        try:
+            return self.sock.recv(1) == b""  # answers are read whole, so nothing is buffered past them
+        except (TimeoutError, socket.timeout):
+            return False
+        except ConnectionResetError:
+            return True
+        finally:
+            self.sock.settimeout(timeout)
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def result_of(answer):
+    assert answer["ok"] is True, answer
+    return answer["result"]
+
+
+def code_of(answer):
+    assert answer["ok"] is False, answer
+    assert answer["error"]["message"], answer
+    return answer["error"]["code"]
+
+
+def claim(conn, worker="w1", **shape):
+    return result_of(conn.ask("claim", worker_id=worker, **{**SHAPE, **shape}))["experiment"]
+
+
+def status(conn):
+    return result_of(conn.ask("status"))
+
+
+def experiments_in(db):
+    with sqlite3.connect(db) as con:
+        return {key: (status, attempts) for key, status, attempts in
+                con.execute("SELECT key, status, attempts FROM experiments")}
+
+
+# ---------------------------------------------------------------- starting up
+
+
+def loopback_listeners(port):
+    """Local addresses listening on `port`, from /proc/net/tcp{,6}."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            address, port_hex = fields[1].rsplit(":", 1)
+            if int(port_hex, 16) == port and fields[3] == "0A":  # LISTEN
+                found.append(address)
+    return found
+
+
+def test_serve_prints_listening_line_and_binds_loopback_by_default(run, start_server):
+    db, token = run
+    server = start_server(db)
+    host, port = server.address
+    assert host == "127.0.0.1" and 0 < port < 65536
+    assert server.listening_line == f"listening on 127.0.0.1:{port}"
+    if Path("/proc/net/tcp").exists():
+        assert loopback_listeners(port) == ["0100007F"]  # 127.0.0.1 only, not 0.0.0.0
+    with Conn(server.address, token) as conn:
+        assert status(conn)["totals"]["total"] == 3
+
+
+def test_serve_with_a_run_dir_records_host_port_and_pid(tmp_path, start_server):
+    make_run(tmp_path / "rundir", grid([(2, 4)], 1))
+    server = start_server(run_dir=tmp_path / "rundir")
+    info = json.loads((tmp_path / "rundir" / "server.json").read_text())
+    assert info == {"host": "127.0.0.1", "port": server.address[1], "pid": server.pid}
+
+
+# ---------------------------------------------------------------- a conversation
+
+
+def test_hello_answers_lease_seconds_and_settings_without_the_token(tmp_path, start_server):
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 1), command="python fit.py", max_failures=5)
+    server = start_server(db)
+    with Conn(server.address, token) as conn:
+        answer = result_of(conn.ask("hello", worker_id="w1", **SHAPE))
+    assert answer["lease_seconds"] == 2
+    assert answer["settings"]["command"] == ["python", "fit.py"] and answer["settings"]["max_failures"] == 5
+    assert not [key for key in answer["settings"] if "token" in key]
+    assert token.encode() not in conn.raw[0]
+
+
+def test_claim_renew_complete_and_status_on_one_connection_echo_request_ids(run, start_server):
+    db, token = run
+    server = start_server(db)
+    with Conn(server.address, token) as conn:
+        claimed = result_of(conn.ask("claim", request_id=0, worker_id="w1", **SHAPE))
+        experiment = claimed["experiment"]
+        assert claimed["config_done"] is False and claimed["provision"] is None
+        assert set(experiment) >= {"key", "params", "lease_token", "lease_seconds_left", "attempt"}
+        assert experiment["lease_seconds_left"] == 2 and experiment["attempt"] == 1
+        assert experiment["params"] == {"i": 0}
+        # Lease times travel as seconds left, never as clock values.
+        assert not any(isinstance(value, (int, float)) and value > 1e6 for value in experiment.values())
+        lease = experiment["lease_token"]
+
+        assert result_of(conn.ask("renew", request_id=2**40, lease_token=lease)) == {"lease_seconds_left": 2}
+        done = result_of(conn.ask("complete", request_id=-5, lease_token=lease, result={"auc": 0.9},
+                                  wall_seconds=1.25))
+        assert done["status"] == "DONE" and done["provision"] is None
+        totals = status(conn)["totals"]
+        assert (totals["total"], totals["done"], totals["started"], totals["not_started"]) == (3, 1, 0, 2)
+    assert experiments_in(db)[experiment["key"]] == ("DONE", 1)
+
+
+def test_pipelined_requests_on_one_connection_are_answered_in_order(run, start_server):
+    db, token = run
+    server = start_server(db)
+    with Conn(server.address, token) as conn:
+        lines = b"".join(json.dumps({"v": 1, "id": request_id, "op": "status", "token": token}).encode() + b"\n"
+                         for request_id in (11, 12, 13))
+        conn.send(lines)
+        answers = [conn.read() for _ in range(3)]
+    assert [answer["id"] for answer in answers] == [11, 12, 13]
+    assert all(answer["ok"] for answer in answers)
+
+
+def test_refusal_from_the_store_carries_the_id_and_keeps_the_connection(run, start_server):
+    db, token = run
+    server = start_server(db)
+    with Conn(server.address, token) as conn:
+        assert code_of(conn.ask("claim", request_id=77, worker_id="w1", cores=3, memory_gb=7)) == "NO_SUCH_CONFIG"
+        assert code_of(conn.ask("renew", lease_token="never-issued")) == "LEASE_LOST"
+        assert claim(conn)["attempt"] == 1
+
+
+def test_bad_arguments_on_a_held_lease_change_nothing(run, start_server):
+    db, token = run
+    server = start_server(db)
+    with Conn(server.address, token) as conn:
+        lease = claim(conn)["lease_token"]
+        assert code_of(conn.ask("complete", lease_token=lease, result=[1], wall_seconds=1)) == "BAD_REQUEST"
+        assert code_of(conn.ask("complete", lease_token=lease, result={}, wall_seconds=True)) == "BAD_REQUEST"
+        assert code_of(conn.ask("fail", lease_token=lease, error="x", wall_seconds=1)) == "BAD_REQUEST"
+        assert status(conn)["totals"]["started"] == 1
+        assert result_of(conn.ask("renew", lease_token=lease))["lease_seconds_left"] == 2
+
+
+# ---------------------------------------------------------------- the token
+
+
+def test_missing_or_wrong_token_is_unauthorized_and_changes_nothing(run, start_server):
+    db, token = run
+    server = start_server(db)
+    with Conn(server.address, token) as conn:
+        lease = claim(conn)["lease_token"]
+        before = experiments_in(db)
+        for wrong in (None, "", token[:-1], token + "x", "x" * len(token), 12345, ["list"]):
+            answer = conn.ask("claim", request_id=31, token=wrong, worker_id="thief", **SHAPE)
+            assert code_of(answer) == "UNAUTHORIZED" and answer["id"] == 31
+            assert code_of(conn.ask("complete", token=wrong, lease_token=lease, result={}, wall_seconds=1)) \
+                == "UNAUTHORIZED"
+            assert code_of(conn.ask("release", token=wrong, worker_id="w1")) == "UNAUTHORIZED"
+        assert experiments_in(db) == before
+        totals = status(conn)["totals"]
+        assert (totals["started"], totals["done"], totals["not_started"]) == (1, 0, 2)
+    assert server.stop() == 0
+    log = server.log()
+    assert "refused a request" in log
+    assert token not in log and lease not in log
+
+
+# ---------------------------------------------------------------- bad lines
+
+
+def test_line_over_one_mib_gets_too_large_and_the_server_serves_the_next_connection(run, start_server):
+    db, token = run
+    server = start_server(db)
+    padding = b"x" * (MAX_LINE + 1024)
+    with Conn(server.address, token) as conn:
+        try:
+            conn.send(b'{"v":1,"id":1,"op":"status","token":"' + padding + b'"}\n')
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may close before the whole line is sent; its answer is already on the way
+        answer = conn.read()
+        assert answer["id"] is None and code_of(answer) == "TOO_LARGE"
+        assert "1048576" in answer["error"]["message"]
+        assert conn.closed_by_server(within=5)
+    with Conn(server.address, token) as conn:
+        assert status(conn)["totals"]["total"] == 3
+
+
+def test_line_at_the_limit_is_served(run, start_server):
+    db, token = run
+    server = start_server(db)
+    head = b'{"v":1,"id":4,"op":"status","token":"%s","pad":"' % token.encode()
+    line = head + b"x" * (MAX_LINE - len(head) - 3) + b'"}\n'
+    assert len(line) == MAX_LINE
+    with Conn(server.address, token) as conn:
+        conn.send(line)
+        assert result_of(conn.read())["totals"]["total"] == 3
+
+
+def test_garbage_gets_bad_request_and_the_connection_keeps_working(run, start_server):
+    db, token = run
+    server = start_server(db)
+    with Conn(server.address, token) as conn:
+        for garbage in (b"\x00\xff\xfe\x80garbage\n", b"GET / HTTP/1.1\r\n", b"{\"v\": 1,\n", b"[" * 100_000 + b"\n"):
+            conn.send(garbage)
+            answer = conn.read()
+            assert answer["id"] is None and code_of(answer) == "BAD_REQUEST"
+        conn.send(b"\n  \r\n")  # blank lines are skipped, not answered
+        conn.send(json.dumps({"v": 9, "id": 5, "op": "status", "token": token}).encode() + b"\n")
+        answer = conn.read()
+        assert answer["id"] == 5 and code_of(answer) == "BAD_REQUEST" and "version" in answer["error"]["message"]
+        assert status(conn)["totals"]["total"] == 3
+
+
+def test_client_that_disconnects_mid_line_does_not_disturb_the_server(run, start_server):
+    db, token = run
+    server = start_server(db)
+    with Conn(server.address, token) as conn:
+        conn.send(b'{"v":1,"id":1,"op":"sta')
+    with Conn(server.address, token) as conn:
+        assert status(conn)["totals"]["total"] == 3
+
+
+# ---------------------------------------------------------------- leases
+
+
+def test_lease_token_of_a_finished_experiment_is_lease_lost(run, start_server):
+    db, token = run
+    server = start_server(db)
+    with Conn(server.address, token) as conn:
+        lease = claim(conn)["lease_token"]
+        result_of(conn.ask("complete", lease_token=lease, result={}, wall_seconds=1))
+        assert code_of(conn.ask("renew", lease_token=lease)) == "LEASE_LOST"
+        assert code_of(conn.ask("release", lease_token=lease, reason="late")) == "LEASE_LOST"
+        assert code_of(conn.ask("fail", lease_token=lease, error="late", exit_code=1, wall_seconds=1)) \
+            == "LEASE_LOST"
+
+
+def test_expired_lease_taken_back_by_another_worker_is_lease_lost(tmp_path, start_server):
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 1))
+    server = start_server(db, lease_seconds=0.5)
+    with Conn(server.address, token) as conn:
+        old = claim(conn, "w1")
+        deadline = time.monotonic() + 10
+        while (new := claim(conn, "w2")) is None:
+            assert time.monotonic() < deadline, "the lapsed lease was never taken back"
+            time.sleep(0.1)
+        assert new["key"] == old["key"] and new["attempt"] == 2
+        assert code_of(conn.ask("renew", lease_token=old["lease_token"])) == "LEASE_LOST"
+        assert code_of(conn.ask("complete", lease_token=old["lease_token"], result={}, wall_seconds=1)) \
+            == "LEASE_LOST"
+        assert result_of(conn.ask("renew", lease_token=new["lease_token"]))["lease_seconds_left"] == 0.5
+
+
+def test_server_start_extends_held_leases(tmp_path, start_server):
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 1))
+    server = start_server(db, lease_seconds=2)
+    with Conn(server.address, token) as conn:
+        experiment = claim(conn, "w1")
+    claimed_at = time.monotonic()
+    assert server.stop() == 0
+    time.sleep(max(0.0, claimed_at + 2.3 - time.monotonic()))  # the lease period has passed while down
+
+    server = start_server(db, lease_seconds=2)
+    assert "1 held leases extended" in server.log()
+    with Conn(server.address, token) as conn:
+        assert claim(conn, "w2") is None  # not taken back
+        assert result_of(conn.ask("renew", lease_token=experiment["lease_token"]))["lease_seconds_left"] == 2
+        result_of(conn.ask("complete", lease_token=experiment["lease_token"], result={}, wall_seconds=3))
+    assert experiments_in(db)[experiment["key"]] == ("DONE", 1)
+
+
+# ---------------------------------------------------------------- connection limits
+
+
+def test_connection_beyond_max_connections_gets_busy(run, start_server):
+    db, token = run
+    server = start_server(db, "--max-connections", "3")
+    held = [Conn(server.address, token) for _ in range(3)]
+    try:
+        for conn in held:
+            status(conn)  # each is being served
+        with Conn(server.address, token) as extra:
+            answer = extra.read()
+            assert answer["id"] is None and code_of(answer) == "BUSY" and "3 connections" in answer["error"]["message"]
+            assert extra.closed_by_server(within=5)
+        held.pop().close()
+        deadline = time.monotonic() + 5
+        while True:  # the server notices the close soon; then a new connection is served again
+            with Conn(server.address, token) as conn:
+                conn.send(json.dumps({"v": 1, "id": 1, "op": "status", "token": token}).encode() + b"\n")
+                if conn.read()["ok"]:
+                    break
+            assert time.monotonic() < deadline, "a freed connection slot was never reused"
+            time.sleep(0.05)
+        for conn in held:
+            assert status(conn)["totals"]["total"] == 3
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def test_idle_connection_is_closed_while_an_active_one_stays(run, start_server):
+    db, token = run
+    server = start_server(db, "--idle-timeout", "1")
+    with Conn(server.address, token) as idle, Conn(server.address, token) as active:
+        status(idle)
+        started = time.monotonic()
+        answered = 0
+        while not idle.closed_by_server(within=0.3):
+            assert time.monotonic() - started < 5, "the idle connection was not closed"
+            status(active)
+            answered += 1
+        assert time.monotonic() - started >= 0.5 and answered >= 2
+        status(active)  # still open: it never sat idle for a whole second
+
+
+# ---------------------------------------------------------------- stopping
+
+
+def test_sigterm_with_an_idle_client_connected_exits_cleanly(run, start_server):
+    db, token = run
+    server = start_server(db)
+    with Conn(server.address, token) as conn:
+        lease = claim(conn)["lease_token"]
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < 5
+        assert conn.closed_by_server(within=5)
+    assert "stopped" in server.log()
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert con.execute("SELECT status FROM experiments WHERE lease_token = ?", (lease,)).fetchone() == ("STARTED",)
+
+
+def test_serve_refuses_a_missing_database(tmp_path):
+    completed = subprocess.run([sys.executable, "-m", "sdm_peer", "serve", "--db", str(tmp_path / "nope.db"),
+                                "--port", "0"], capture_output=True, text=True, timeout=30)
+    assert completed.returncode == 2 and "no such database" in completed.stderr
+    assert not (tmp_path / "nope.db").exists()
+
+
+# ---------------------------------------------------------------- many clients
+
+
+def test_twenty_concurrent_clients_finish_every_experiment_exactly_once(tmp_path, start_server):
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 60))
+    server = start_server(db, lease_seconds=30)
+    completed, errors = [], []
+    lock = threading.Lock()
+
+    def worker(number):
+        try:
+            with Conn(server.address, token) as conn:
+                result_of(conn.ask("hello", worker_id=f"w{number}", **SHAPE))
+                for _ in range(100):  # bounded: 60 experiments in all
+                    experiment = claim(conn, f"w{number}")
+                    if experiment is None:
+                        return
+                    result_of(conn.ask("complete", lease_token=experiment["lease_token"],
+                                       result={"by": number}, wall_seconds=0.01))
+                    with lock:
+                        completed.append(experiment["key"])
+        except Exception as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(number,)) for number in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    assert len(completed) == len(set(completed)) == 60
+    with Conn(server.address, token) as conn:
+        totals = status(conn)["totals"]
+    assert (totals["total"], totals["done"], totals["started"]) == (60, 60, 0)
+    assert server.stop() == 0
+    assert set(experiments_in(db).values()) == {("DONE", 1)}
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT COUNT(*), COUNT(DISTINCT experiment) FROM attempts").fetchone() == (60, 60)
