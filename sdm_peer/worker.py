@@ -118,8 +118,7 @@ class Worker:
 
     def run_experiment(self, experiment):
         token = experiment["lease_token"]
-        workdir = self.work_root / _safe(experiment["key"]) / f"attempt-{experiment['attempt']}"
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir = self._fresh_workdir(experiment)
         params_file, result_file = workdir / "params.json", workdir / "result.json"
         params_file.write_text(json.dumps(experiment["params"]))
         env = {**os.environ, "SDM_EXPERIMENT_KEY": experiment["key"], "SDM_PARAMS": json.dumps(experiment["params"]),
@@ -157,6 +156,18 @@ class Worker:
         else:
             tail = _tail(workdir / "stderr.log")
             self._report_failure(token, tail or f"exited with status {process.returncode}", process.returncode, wall)
+
+    def _fresh_workdir(self, experiment):
+        """RUNDIR/work/KEY/attempt-N, never one that exists: after a database restore an
+        attempt number can come again, and an earlier attempt's logs must not be overwritten."""
+        workdir = self.work_root / _safe(experiment["key"]) / f"attempt-{experiment['attempt']}"
+        workdir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir()
+        except FileExistsError:
+            workdir = workdir.with_name(f"{workdir.name}-{experiment['lease_token'][:8]}")
+            workdir.mkdir()
+        return workdir
 
     def _report_success(self, token, result_file, wall):
         try:
