@@ -115,3 +115,15 @@ def test_a_bad_replica_is_a_clear_error_never_an_empty_database(run, tmp_path, k
     restored = sdm("restore", "--replica", replica, "--out", tmp_path / "out.db", check=False)
     assert restored.returncode == 2 and not (tmp_path / "out.db").exists()
     assert sdm("status", "--replica", replica, check=False).returncode == 2
+
+
+def test_under_litestream_the_server_leaves_checkpoints_to_it(tmp_path):
+    from sdm_peer.store import Store
+
+    replicated = Store(tmp_path / "a.db", replicated=True)
+    alone = Store(tmp_path / "b.db")
+    assert replicated.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    assert alone.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    assert replicated.conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+    replicated.close()
+    alone.close()
