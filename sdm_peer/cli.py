@@ -183,6 +183,8 @@ def export(db, run_dir, out):
 
     if bool(db) == bool(run_dir):
         raise BadInput("give exactly one of --db or --dir")
+    if not Path(out).parent.is_dir():
+        raise BadInput(f"{out}: no such directory {str(Path(out).parent)!r}")
     store = Store(RunDir(run_dir).db if run_dir else db, create=False)
     count = write_export(store, out)
     click.echo(f"{out}: {count:,} experiments")

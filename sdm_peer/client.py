@@ -23,6 +23,15 @@ class TransportError(Exception):
     """The connection failed or answered nonsense; reconnecting may help."""
 
 
+def _backoff_within(limit):
+    """Exponential backoff with jitter that never sleeps past `limit` seconds from the first
+    try, so the last try happens at the limit itself (None: no limit)."""
+    backoff = tenacity.wait_random_exponential(multiplier=0.2, max=MAX_BACKOFF)
+    if limit is None:
+        return backoff
+    return lambda state: min(backoff(state), max(0.0, limit - state.seconds_since_start))
+
+
 class Client:
     def __init__(self, address, token, *, timeout=CALL_TIMEOUT, retry_seconds=60.0):
         """`address`: (host, port), or a function returning it, asked again at every reconnection
@@ -53,10 +62,10 @@ class Client:
         Transport failures are retried for `retry_seconds` (default: the client's), then
         ServerUnavailable is raised."""
         limit = self.retry_seconds if retry_seconds is ... else retry_seconds
-        stop = tenacity.stop_never if limit is None else tenacity.stop_before_delay(limit)
+        stop = tenacity.stop_never if limit is None else tenacity.stop_after_delay(limit)
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(TransportError),
-            wait=tenacity.wait_random_exponential(multiplier=0.2, max=MAX_BACKOFF),
+            wait=_backoff_within(limit),
             stop=stop, reraise=True,
             before_sleep=lambda state: log.info("server %s:%s unreachable (%s); retrying",
                                                 self.host, self.port, state.outcome.exception()))

@@ -125,6 +125,18 @@ class StoreMachine(RuleBasedStateMachine):
         shape = data.draw(hs.sampled_from(self.shape_of_state([st.PROVISIONING, st.RUNNING, st.CONFIG_DONE])))
         self._claim(worker, shape)
 
+    @precondition(lambda self: self.shape_of_state([st.PROVISIONING, st.RUNNING]))
+    @rule(worker=hs.sampled_from(WORKERS), data=hs.data(), value=hs.integers(0, 9))
+    def claim_and_complete(self, worker, data, value):
+        """What a healthy worker of an existing group does: claim, run, report at once."""
+        shape = data.draw(hs.sampled_from(self.shape_of_state([st.PROVISIONING, st.RUNNING])))
+        self._claim(worker, shape)
+        token = self.lease_tokens[-1]
+        held = self.conn.execute("SELECT COUNT(*) FROM experiments WHERE lease_token = ?", (token,)).fetchone()[0]
+        if held:
+            answer = self.call(self.store.complete, token, {"value": value, "token": token}, float(value))
+            assert answer["status"] == st.DONE and "duplicate" not in answer
+
     @rule(data=hs.data())
     def renew(self, data):
         token = self.lease_token(data)
