@@ -92,6 +92,10 @@ def init(db, plan_file, group_size, max_failures, max_interruptions, token_file,
                + (f"; {counts['configs_reopened']} DONE configs reopened" if counts["configs_reopened"] else ""))
 
 
+tls_ca_option = click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True), envvar="SDM_TLS_CA",
+                             help="Talk TLS to the server, trusting this CA certificate (or set SDM_TLS_CA).")
+
+
 def target_options(command):
     """--db DB | --server HOST:PORT | --dir RUNDIR, and --token-file, for commands that read a run."""
     for option in reversed((
@@ -99,12 +103,13 @@ def target_options(command):
         click.option("--server", help="Ask a running server, HOST:PORT."),
         click.option("--dir", "run_dir", type=click.Path(file_okay=False), help="A run directory."),
         click.option("--token-file", type=click.Path(dir_okay=False), help="Token file (or set SDM_TOKEN)."),
+        tls_ca_option,
     )):
         command = option(command)
     return command
 
 
-def status_source(db, server, run_dir, token_file, replica=None):
+def status_source(db, server, run_dir, token_file, replica=None, tls_ca=None):
     """A function returning the run's status object, from whichever target was given."""
     given = [name for name, value in (("--db", db), ("--server", server), ("--dir", run_dir),
                                       ("--replica", replica)) if value]
@@ -117,7 +122,7 @@ def status_source(db, server, run_dir, token_file, replica=None):
     if server:
         from .client import Client
 
-        client = Client.for_server(server, token_file=token_file)
+        client = Client.for_server(server, token_file=token_file, tls_ca=tls_ca)
         return functools.partial(client.call, "status")
     from .store import Store
 
@@ -143,11 +148,11 @@ def status_source(db, server, run_dir, token_file, replica=None):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (DESIGN §5).")
 @click.option("--watch", type=float, metavar="SECONDS", help="Refresh every SECONDS until interrupted.")
 @click.option("--all", "show_all", is_flag=True, help="Show every config, even in a long run.")
-def status(db, server, run_dir, token_file, replica, as_json, watch, show_all):
+def status(db, server, run_dir, token_file, tls_ca, replica, as_json, watch, show_all):
     """Where the run stands: per config, how many experiments are done, running, waiting, failed.
 
     With replication on, also how long ago the replica last received a change."""
-    read = status_source(db, server, run_dir, token_file, replica)
+    read = status_source(db, server, run_dir, token_file, replica, tls_ca)
     if as_json:
         while True:
             click.echo(json.dumps(read()))
@@ -229,7 +234,10 @@ def setup_logging(verbose=False):
 @click.option("--replicate", is_flag=True,
               help="Run under `litestream replicate` (a missing database is restored from the replica first).")
 @click.option("--replica", metavar="URL", help="Replica URL for --replicate (default $SDM_REPLICA_URL).")
-def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_connections, replicate, replica):
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="Serve TLS with this certificate (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="The certificate's private key (PEM).")
+def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_connections, replicate, replica,
+          tls_cert, tls_key):
     """Serve a run's database to workers over TCP (newline-delimited JSON).
 
     Prints `listening on HOST:PORT` once it accepts connections. SIGTERM or SIGINT stops it
@@ -239,10 +247,13 @@ def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_
 
     from . import replication
     from .rundir import read_token
-    from .server import serve as run_server
+    from .server import serve as run_server, tls_server_context
 
     if bool(db) == bool(run_dir):
         raise BadInput("give exactly one of --db or --dir")
+    if bool(tls_cert) != bool(tls_key):
+        raise BadInput("give both --tls-cert and --tls-key, or neither")
+    ssl_context = tls_server_context(tls_cert, tls_key) if tls_cert else None
     run = RunDir(run_dir) if run_dir else None
     db_path = run.db if run else Path(db)
     token_path = token_file or token_path_for(db_path)
@@ -256,7 +267,9 @@ def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_
         replication.exec_replicated_server(db_path, replica, [
             *target, "--host", host, "--port", str(port), "--idle-timeout", str(idle_timeout),
             "--max-connections", str(max_connections),
-            *(["--lease-seconds", str(lease_seconds)] if lease_seconds else [])])
+            *(["--lease-seconds", str(lease_seconds)] if lease_seconds else []),
+            *(["--tls-cert", str(Path(tls_cert).absolute()), "--tls-key", str(Path(tls_key).absolute())]
+              if tls_cert else [])])
     if not db_path.exists():
         raise BadInput(f"{db_path}: no such database", hint="create it with `sdm-peer init`")
     token = read_token(token_path)
@@ -265,7 +278,8 @@ def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_
         replication.die_with_litestream()
     setup_logging()
     run_server(db_path, token, host=host, port=port, lease_seconds=lease_seconds, run_dir=run,
-               idle_timeout=idle_timeout, max_connections=max_connections, replicated=replicated)
+               idle_timeout=idle_timeout, max_connections=max_connections, replicated=replicated,
+               ssl_context=ssl_context)
 
 
 def server_client(server, run_dir, token_file, **options):
@@ -283,6 +297,7 @@ def server_client(server, run_dir, token_file, **options):
 @click.option("--server", help="The server, HOST:PORT.")
 @click.option("--dir", "run_dir", type=click.Path(file_okay=False), help="A run directory instead of --server.")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="Token file (or set SDM_TOKEN).")
+@tls_ca_option
 @click.option("--cores", type=click.IntRange(min=1), help="This worker's cores (default: the machine's).")
 @click.option("--memory-gb", type=click.FloatRange(min=0, min_open=True),
               help="This worker's memory in GB (default: the machine's, rounded).")
@@ -290,7 +305,7 @@ def server_client(server, run_dir, token_file, **options):
 @click.option("--work-dir", type=click.Path(file_okay=False),
               help="Where attempts' working directories go (default RUNDIR/work or ./sdm-work).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def work(server, run_dir, token_file, cores, memory_gb, worker_id, work_dir, command):
+def work(server, run_dir, token_file, tls_ca, cores, memory_gb, worker_id, work_dir, command):
     """Claim and run experiments of this worker's shape until its config is finished.
 
     COMMAND (after `--`) runs once per experiment, without a shell, in a fresh working
@@ -307,7 +322,7 @@ def work(server, run_dir, token_file, cores, memory_gb, worker_id, work_dir, com
     if cores is None:
         cores, memory_gb = machine_shape()
     run_root = run_dir or os.environ.get("SDM_RUN_DIR")
-    client = server_client(server, run_dir, token_file, retry_seconds=None)
+    client = server_client(server, run_dir, token_file, retry_seconds=None, tls_ca=tls_ca)
     setup_logging()
     worker = Worker(client, list(command) or None, worker_id=worker_id or default_worker_id(), cores=cores,
                     memory_gb=memory_gb, work_root=work_dir or (Path(run_root) / "work" if run_root else "sdm-work"),
@@ -346,13 +361,14 @@ def bootstrap(plan_file, provider, run_dir, lease_seconds, assignments, settings
 @click.option("--server", help="The server, HOST:PORT.")
 @click.option("--dir", "run_dir", type=click.Path(file_okay=False), help="A run directory instead of --server.")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="Token file (or set SDM_TOKEN).")
+@tls_ca_option
 @click.option("--worker-id", required=True, help="The worker whose leases to give back.")
 @click.option("--reason", default="released by hand", show_default=True, help="Recorded with each attempt.")
-def release(server, run_dir, token_file, worker_id, reason):
+def release(server, run_dir, token_file, tls_ca, worker_id, reason):
     """Give back every lease a worker holds (its experiments become INTERRUPTED).
 
     This is what a VM's shutdown script runs when the VM is preempted."""
-    client = server_client(server, run_dir, token_file, retry_seconds=15.0)
+    client = server_client(server, run_dir, token_file, retry_seconds=15.0, tls_ca=tls_ca)
     released = client.call("release", worker_id=worker_id, reason=reason)["released"]
     click.echo(f"released {released} lease(s) of {worker_id}")
 

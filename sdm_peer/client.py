@@ -5,12 +5,13 @@ exponential backoff and jitter on transport errors only. A refusal from the serv
 import itertools
 import logging
 import socket
+import ssl
 import threading
 
 import tenacity
 
 from . import protocol
-from .errors import SdmPeerError, ServerUnavailable, error_for
+from .errors import BadInput, SdmPeerError, ServerUnavailable, error_for
 from .rundir import parse_address, resolve_token
 
 log = logging.getLogger("sdm_peer.client")
@@ -23,6 +24,14 @@ class TransportError(Exception):
     """The connection failed or answered nonsense; reconnecting may help."""
 
 
+def _tls_client_context(ca_file):
+    """Verify the server against this CA certificate (PEM), hostname or IP included."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise BadInput(f"cannot load the TLS CA certificate {ca_file}: {exc}") from None
+
+
 def _backoff_within(limit):
     """Exponential backoff with jitter that never sleeps past `limit` seconds from the first
     try, so the last try happens at the limit itself (None: no limit)."""
@@ -33,13 +42,14 @@ def _backoff_within(limit):
 
 
 class Client:
-    def __init__(self, address, token, *, timeout=CALL_TIMEOUT, retry_seconds=60.0):
+    def __init__(self, address, token, *, timeout=CALL_TIMEOUT, retry_seconds=60.0, tls_ca=None):
         """`address`: (host, port), or a function returning it, asked again at every reconnection
         (a run directory's server may come back on another port). `retry_seconds`: how long a
         call keeps retrying an unreachable server by default (None: until it answers)."""
         self._address = address if callable(address) else (lambda: address)
         self.host, self.port = None, None
         self._token = token
+        self._tls = _tls_client_context(tls_ca) if tls_ca else None
         self.timeout, self.retry_seconds = timeout, retry_seconds
         self._sock = None
         self._file = None
@@ -100,6 +110,10 @@ class Client:
                 if response.get("id") != request_id:
                     raise TransportError("the answer does not match the request")
                 return response
+            except ssl.SSLCertVerificationError as exc:
+                self._disconnect()
+                raise BadInput(f"the server at {self.host}:{self.port} is not trusted: {exc.verify_message}",
+                               hint="check --tls-ca (the CA that signed the server's certificate)") from None
             except (OSError, ValueError, TransportError) as exc:
                 self._disconnect()
                 if isinstance(exc, TransportError):
@@ -113,6 +127,8 @@ class Client:
             raise TransportError(str(exc)) from None
         sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls is not None:
+            sock = self._tls.wrap_socket(sock, server_hostname=self.host)
         self._sock, self._file = sock, sock.makefile("rb")
 
     def _disconnect(self):

@@ -13,7 +13,7 @@ import signal
 import time
 
 from . import protocol
-from .errors import Busy, SdmPeerError, TooLarge, Unauthorized
+from .errors import BadInput, Busy, SdmPeerError, TooLarge, Unauthorized
 from .store import Store
 
 log = logging.getLogger("sdm_peer.server")
@@ -22,12 +22,37 @@ DEFAULT_PORT = 7787
 IDLE_TIMEOUT = 300.0  # seconds; workers renew far more often than this
 MAX_CONNECTIONS = 4096
 STOP_GRACE = 10.0  # seconds for in-flight requests to finish on SIGTERM
+AUTH_FAILURES_ALLOWED = 20  # failed authentications per address and window before throttling
+AUTH_WINDOW = 60.0  # seconds
+AUTH_TARPIT = 1.0  # seconds a throttled address waits for each refusal
+
+
+class AuthFailures:
+    """Failed authentications per peer address over a sliding window.
+
+    Past the allowance, each further failure from that address is answered only after a delay
+    and its connection closed: a guesser gets about one try a second per connection, while a
+    worker with the right token from the same address is served as before."""
+
+    def __init__(self, allowed=AUTH_FAILURES_ALLOWED, window=AUTH_WINDOW):
+        self.allowed, self.window = allowed, window
+        self.recent = {}  # address -> failure times within the window
+        self.total = 0
+
+    def record(self, address, now):
+        """Count one failure; return True when the address is over its allowance."""
+        self.total += 1
+        times = [t for t in self.recent.get(address, ()) if t > now - self.window] + [now]
+        self.recent[address] = times
+        if len(self.recent) > 10_000:  # forget quiet addresses so the table stays small
+            self.recent = {a: ts for a, ts in self.recent.items() if ts[-1] > now - self.window}
+        return len(times) > self.allowed
 
 
 class Server:
     def __init__(self, db_path, token, *, host="127.0.0.1", port=DEFAULT_PORT, lease_seconds=None,
                  idle_timeout=IDLE_TIMEOUT, max_connections=MAX_CONNECTIONS, replicated=False,
-                 on_listening=None, clock=time.time):
+                 on_listening=None, clock=time.time, ssl_context=None):
         self.db_path, self.host, self.port = db_path, host, port
         self._token = token.encode()
         self.lease_seconds = lease_seconds
@@ -37,6 +62,8 @@ class Server:
         self._store = None
         self._connections = {}  # task -> True while a request is being served
         self._stopping = None
+        self.ssl_context = ssl_context
+        self.auth_failures = AuthFailures()
 
     # ---------------------------------------------------------------- store side (db thread)
 
@@ -110,9 +137,12 @@ class Server:
                 if not line.strip():
                     continue
                 self._connections[task] = True
-                writer.write(await self._answer(line, peer))
+                answer, close = await self._answer(line, peer)
+                writer.write(answer)
                 await writer.drain()
                 self._connections[task] = False
+                if close:
+                    return
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
@@ -127,23 +157,37 @@ class Server:
                 pass
 
     async def _answer(self, line, peer):
+        """The answer to one request line, and whether to close the connection after it."""
         request_id = None
         try:
             request = protocol.parse_request(line)
             request_id = request.id
             if not isinstance(request.token, str) or not hmac.compare_digest(request.token.encode(), self._token):
-                raise Unauthorized("missing or wrong token")
+                return await self._refuse_authentication(request_id, peer), True
             result = await self._on_db(self._dispatch, request.op, request.args)
-            return protocol.encode_result(request_id, result)
+            return protocol.encode_result(request_id, result), False
         except protocol.RequestError as exc:
-            return protocol.encode_error(exc.request_id, exc.code, str(exc))
+            return protocol.encode_error(exc.request_id, exc.code, str(exc)), False
         except SdmPeerError as exc:
-            if isinstance(exc, Unauthorized):
-                log.warning("refused a request from %s: %s", peer, exc)
-            return protocol.encode_error(request_id, exc.code, str(exc))
+            return protocol.encode_error(request_id, exc.code, str(exc)), False
         except Exception:
             log.exception("internal error serving a request from %s", peer)
-            return protocol.encode_error(request_id, "INTERNAL", "the server failed on this request; see its log")
+            answer = protocol.encode_error(request_id, "INTERNAL", "the server failed on this request; see its log")
+            return answer, False
+
+    async def _refuse_authentication(self, request_id, peer):
+        """A missing or wrong token: counted per address, throttled past the allowance. The
+        token itself is never logged or echoed."""
+        address = peer[0] if peer else "unknown"
+        throttled = self.auth_failures.record(address, time.monotonic())
+        if throttled:
+            await asyncio.sleep(AUTH_TARPIT)
+        if not throttled or len(self.auth_failures.recent[address]) == self.auth_failures.allowed + 1:
+            log.warning("refused a request from %s: missing or wrong token%s", address,
+                        " (throttling this address)" if throttled else "")
+        error = Unauthorized("missing or wrong token" + ("; too many failures from this address, slowed down"
+                                                         if throttled else ""))
+        return protocol.encode_error(request_id, error.code, str(error))
 
     # ---------------------------------------------------------------- life cycle
 
@@ -155,9 +199,10 @@ class Server:
             loop.add_signal_handler(signum, self._stopping.set)
         extended = await self._on_db(self._open)
         server = await asyncio.start_server(self._serve_connection, self.host, self.port,
-                                            limit=protocol.MAX_LINE - 1, reuse_address=True)
+                                            limit=protocol.MAX_LINE - 1, reuse_address=True, ssl=self.ssl_context)
         host, port = server.sockets[0].getsockname()[:2]
-        log.info("database %s; lease %ss; %d held leases extended", self.db_path, self.lease_seconds, extended)
+        log.info("database %s; lease %ss; %d held leases extended%s", self.db_path, self.lease_seconds, extended,
+                 "; TLS" if self.ssl_context else "")
         if self.on_listening is not None:
             self.on_listening(host, port)
         try:
@@ -172,6 +217,19 @@ class Server:
             await self._on_db(self._close_store)
             self._db_thread.shutdown(wait=True)
             log.info("stopped")
+
+
+def tls_server_context(cert_file, key_file):
+    """A TLS context for the server from a certificate chain and its key (PEM files)."""
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise BadInput(f"cannot load the TLS certificate {cert_file} and key {key_file}: {exc}") from None
+    return context
 
 
 def serve(db_path, token, *, host, port, lease_seconds=None, run_dir=None, replicated=False, **limits):
