@@ -63,6 +63,7 @@ def init_run(db, plan_file, settings, token_file=None):
     for target in (Path(db), token_path):
         if not target.parent.is_dir():
             raise BadInput(f"{target}: no such directory {str(target.parent)!r}")
+    check_provider_serves(db, plan, settings)
     store = Store(db)
     try:
         counts = store.import_plan(plan, settings=settings, now=now())
@@ -70,6 +71,23 @@ def init_run(db, plan_file, settings, token_file=None):
         store.close()
     write_token(token_path)
     return counts
+
+
+def check_provider_serves(db, plan, settings):
+    """The run's provider (as stored, or as now set) must be able to serve every config's
+    shape, the plan's and those already in DB; refused before anything is written."""
+    from .providers import check_run
+    from .store import Store
+
+    stored, shapes = settings_mod.with_defaults({}), [(config.cores, config.memory_gb) for config in plan.configs]
+    if Path(db).exists():
+        store = Store(db, create=False)
+        try:
+            stored = store.settings
+            shapes += [(config["cores"], config["memory_gb"]) for config in store.status(now=now())["configs"]]
+        finally:
+            store.close()
+    check_run({**stored, **settings}, shapes)
 
 
 @main.command()
@@ -124,57 +142,43 @@ def status_source(db, server, run_dir, token_file, replica=None, tls_ca=None):
 
         client = Client.for_server(server, token_file=token_file, tls_ca=tls_ca)
         return functools.partial(client.call, "status")
+    from .overview import overview
     from .store import Store
 
     store = Store(RunDir(run_dir).db if run_dir else db, create=False)
-
-    def read():
-        answer = store.status(now=now())
-        replica_url = store.settings.get("replica_url")
-        if replica_url:
-            from .replication import ReplicationError, status as replication_status
-
-            try:
-                answer["replication"] = replication_status(store.path, replica_url)
-            except ReplicationError as exc:
-                answer["replication"] = {"replica_url": replica_url, "error": str(exc)}
-        return answer
-    return read
+    return lambda: overview(store, now=now())
 
 
 @main.command()
 @target_options
 @click.option("--replica", metavar="URL", help="Read a read-only status straight from a replica.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (DESIGN §5).")
-@click.option("--watch", type=float, metavar="SECONDS", help="Refresh every SECONDS until interrupted.")
+@click.option("--watch", type=click.FloatRange(min=0.1), metavar="SECONDS",
+              help="Refresh every SECONDS until Ctrl-C.")
 @click.option("--all", "show_all", is_flag=True, help="Show every config, even in a long run.")
 def status(db, server, run_dir, token_file, tls_ca, replica, as_json, watch, show_all):
-    """Where the run stands: per config, how many experiments are done, running, waiting, failed.
+    """Where the run stands: per config, how many experiments are done, running, waiting, failed;
+    the leases held and by whom, recent hand-offs, failures and expiries, throughput and an ETA.
 
     With replication on, also how long ago the replica last received a change."""
+    from .view import status_view, watch as watch_status
+
     read = status_source(db, server, run_dir, token_file, replica, tls_ca)
     if as_json:
-        while True:
-            click.echo(json.dumps(read()))
-            if not watch:
-                return
-            time.sleep(watch)
-    from rich.console import Console
-    from rich.live import Live
-
-    from .view import status_table
-
-    console = Console()
-    if not watch:
-        console.print(status_table(read(), show_all=show_all))
-        return
-    with Live(status_table(read(), show_all=show_all), console=console, auto_refresh=False) as live:
         try:
             while True:
+                click.echo(json.dumps(read()))
+                if not watch:
+                    return
                 time.sleep(watch)
-                live.update(status_table(read(), show_all=show_all), refresh=True)
-        except KeyboardInterrupt:
-            pass
+        except KeyboardInterrupt:  # Ctrl-C ends a watch; it is not an error
+            return
+    if watch:
+        watch_status(read, watch, show_all=show_all)
+    else:
+        from rich.console import Console
+
+        Console().print(status_view(read(), show_all=show_all))
 
 
 @main.command()
@@ -186,13 +190,40 @@ def export(db, run_dir, out):
     from .export import export as write_export
     from .store import Store
 
-    if bool(db) == bool(run_dir):
-        raise BadInput("give exactly one of --db or --dir")
+    path = database_of(db, run_dir)
     if not Path(out).parent.is_dir():
         raise BadInput(f"{out}: no such directory {str(Path(out).parent)!r}")
-    store = Store(RunDir(run_dir).db if run_dir else db, create=False)
+    store = Store(path, create=False)
     count = write_export(store, out)
     click.echo(f"{out}: {count:,} experiments")
+
+
+def database_of(db, run_dir):
+    """The database named by --db DB or --dir RUNDIR (exactly one)."""
+    if bool(db) == bool(run_dir):
+        raise BadInput("give exactly one of --db or --dir")
+    return RunDir(run_dir).db if run_dir else Path(db)
+
+
+@main.command()
+@click.option("--db", type=click.Path(dir_okay=False), help="The database file.")
+@click.option("--dir", "run_dir", type=click.Path(file_okay=False), help="A run directory.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Directory for report.html and its plots (made if missing).")
+def report(db, run_dir, out):
+    """The study's answer: OUT/report.html with PNG plots of wall time (and of the results'
+    `*_seconds` fields) against cores and memory, a table per shape (n, mean, median, p95) and
+    the attempt history (failures, preemptions, compute lost to re-runs). Reads only."""
+    from .report import write_report
+    from .store import Store
+
+    store = Store(database_of(db, run_dir), readonly=True)
+    try:
+        written = write_report(store, out)
+    finally:
+        store.close()
+    click.echo(f"{written['path']}: {written['results']:,} results, {len(written['plots'])} plots"
+               + ("" if written["results"] else " (no results yet)"))
 
 
 @main.command()
@@ -236,13 +267,20 @@ def setup_logging(verbose=False):
 @click.option("--replica", metavar="URL", help="Replica URL for --replicate (default $SDM_REPLICA_URL).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="Serve TLS with this certificate (PEM).")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="The certificate's private key (PEM).")
+@click.option("--durable", is_flag=True,
+              help="synchronous=FULL: every acknowledged report survives a power cut (group commit keeps it fast).")
+@click.option("--http-port", type=click.IntRange(0, 65535),
+              help="Also serve a read-only web dashboard on this port (0 takes a free one).")
+@click.option("--http-host", default="127.0.0.1", show_default=True, help="Address the dashboard listens on.")
 def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_connections, replicate, replica,
-          tls_cert, tls_key):
+          tls_cert, tls_key, durable, http_port, http_host):
     """Serve a run's database to workers over TCP (newline-delimited JSON).
 
     Prints `listening on HOST:PORT` once it accepts connections. SIGTERM or SIGINT stops it
     after answering the requests in flight. With --replicate, Litestream ships every change
-    to the replica (gs://BUCKET/PATH or file:///PATH) and the server dies with it."""
+    to the replica (gs://BUCKET/PATH or file:///PATH) and the server dies with it. With
+    --http-port, the same process serves a read-only web dashboard (token: Bearer header, or
+    the read-only token in DB.view-token given once as /?token=)."""
     import os
 
     from . import replication
@@ -269,7 +307,9 @@ def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_
             "--max-connections", str(max_connections),
             *(["--lease-seconds", str(lease_seconds)] if lease_seconds else []),
             *(["--tls-cert", str(Path(tls_cert).absolute()), "--tls-key", str(Path(tls_key).absolute())]
-              if tls_cert else [])])
+              if tls_cert else []),
+            *(["--durable"] if durable else []),
+            *(["--http-port", str(http_port), "--http-host", http_host] if http_port is not None else [])])
     if not db_path.exists():
         raise BadInput(f"{db_path}: no such database", hint="create it with `sdm-peer init`")
     token = read_token(token_path)
@@ -277,9 +317,31 @@ def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_
     if replicated:
         replication.die_with_litestream()
     setup_logging()
+    dashboard = None
+    if http_port is not None:
+        from .dashboard import Dashboard
+
+        dashboard = Dashboard(db_path, token, host=http_host, port=http_port, ssl_context=ssl_context)
     run_server(db_path, token, host=host, port=port, lease_seconds=lease_seconds, run_dir=run,
                idle_timeout=idle_timeout, max_connections=max_connections, replicated=replicated,
-               ssl_context=ssl_context)
+               ssl_context=ssl_context, durable=durable, dashboard=dashboard)
+
+
+def run_token(run_dir, token_file):
+    """The token a worker presents, found as its client finds it (the gce provider hands it on)."""
+    from .rundir import resolve_token
+
+    return resolve_token(token_file, default_path=RunDir(run_dir).token_file if run_dir else None)
+
+
+def metadata_client(tls_ca, **options):
+    """On a Compute Engine VM: what the gce provider put in its metadata, and a client for its server."""
+    from .client import Client
+    from .metadata import worker_identity
+    from .rundir import parse_address
+
+    vm = worker_identity()
+    return vm, Client(parse_address(vm["server"]), vm["token"], tls_ca=tls_ca, **options)
 
 
 def server_client(server, run_dir, token_file, **options):
@@ -304,8 +366,10 @@ def server_client(server, run_dir, token_file, **options):
 @click.option("--worker-id", help="A name for this worker (default HOSTNAME:PID).")
 @click.option("--work-dir", type=click.Path(file_okay=False),
               help="Where attempts' working directories go (default RUNDIR/work or ./sdm-work).")
+@click.option("--from-metadata", is_flag=True,
+              help="On a Compute Engine VM: server, token, shape, worker id and group from the metadata server.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def work(server, run_dir, token_file, tls_ca, cores, memory_gb, worker_id, work_dir, command):
+def work(server, run_dir, token_file, tls_ca, cores, memory_gb, worker_id, work_dir, from_metadata, command):
     """Claim and run experiments of this worker's shape until its config is finished.
 
     COMMAND (after `--`) runs once per experiment, without a shell, in a fresh working
@@ -319,15 +383,22 @@ def work(server, run_dir, token_file, tls_ca, cores, memory_gb, worker_id, work_
 
     if (cores is None) != (memory_gb is None):
         raise BadInput("give both --cores and --memory-gb, or neither")
+    own_group = os.environ.get("SDM_GROUP")
+    if from_metadata:
+        vm, client = metadata_client(tls_ca, retry_seconds=None)
+        cores, memory_gb, worker_id, own_group, token = (vm["cores"], vm["memory_gb"], vm["worker_id"], vm["config"],
+                                                         vm["token"])
+    else:
+        client = server_client(server, run_dir, token_file, retry_seconds=None, tls_ca=tls_ca)
+        token = run_token(run_dir, token_file)
     if cores is None:
         cores, memory_gb = machine_shape()
     run_root = run_dir or os.environ.get("SDM_RUN_DIR")
-    client = server_client(server, run_dir, token_file, retry_seconds=None, tls_ca=tls_ca)
     setup_logging()
     worker = Worker(client, list(command) or None, worker_id=worker_id or default_worker_id(), cores=cores,
                     memory_gb=memory_gb, work_root=work_dir or (Path(run_root) / "work" if run_root else "sdm-work"),
-                    provider_for=lambda settings: provider_for(settings, run_root),
-                    own_group=os.environ.get("SDM_GROUP"))
+                    provider_for=lambda settings: provider_for(settings, run_root, token=token),
+                    own_group=own_group)
     sys.exit(worker.run())
 
 
@@ -336,17 +407,29 @@ def work(server, run_dir, token_file, tls_ca, cores, memory_gb, worker_id, work_
 @click.option("--provider", required=True, type=click.Choice(["local", "gce"]), help="Where groups come from.")
 @click.option("--dir", "run_dir", required=True, type=click.Path(file_okay=False), help="The run directory.")
 @click.option("--lease-seconds", type=click.FloatRange(min=0.1), help="Lease period for the server.")
+@click.option("--project", help="gce: the Google Cloud project.")
+@click.option("--zone", help="gce: the zone of every VM, e.g. us-central1-a.")
+@click.option("--bucket", help="gce: the Cloud Storage bucket of the database's replica (gs://BUCKET/RUN_NAME).")
+@click.option("--dry-run", is_flag=True, help="gce: print every Compute Engine call it would make; change nothing.")
 @settings_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def bootstrap(plan_file, provider, run_dir, lease_seconds, assignments, settings_file, command):
+def bootstrap(plan_file, provider, run_dir, lease_seconds, project, zone, bucket, dry_run, assignments, settings_file,
+              command):
     """Start a whole run: init RUNDIR/sdm.db, start the server, provision the first group.
+
+    With --provider gce: push the database to the replica, create the firewall rule and the
+    database VM, wait for its server, provision the first group of spot VMs.
 
     Safe to repeat: on a live run it changes nothing harmful, on a run whose server died it
     restarts it, and it finishes a provisioning whose lease lapsed."""
     from .bootstrap import bootstrap as start_run
 
     if provider == "gce":
-        raise BadInput("the gce provider is not available in this version", hint="use --provider local")
+        return bootstrap_gce(plan_file, RunDir(run_dir), bucket, dry_run, collect_settings(
+            assignments, settings_file, provider=provider, command=list(command), project=project, zone=zone,
+            lease_seconds=lease_seconds))
+    if project or zone or bucket or dry_run:
+        raise BadInput("--project, --zone, --bucket and --dry-run are for --provider gce")
     settings = collect_settings(assignments, settings_file, provider=provider, command=list(command))
     run = RunDir(run_dir)
     run.path.mkdir(parents=True, exist_ok=True)
@@ -357,20 +440,102 @@ def bootstrap(plan_file, provider, run_dir, lease_seconds, assignments, settings
     click.echo(f"watch it with: sdm-peer status --dir {run_dir} --watch 2")
 
 
+def bootstrap_gce(plan_file, run, bucket, dry_run, settings):
+    from . import gce_bootstrap
+
+    settings = gce_bootstrap.run_settings(run.path, settings, bucket)
+    if dry_run:
+        gce_bootstrap.dry_run(plan_file, settings, echo=click.echo)
+        return
+    run.path.mkdir(parents=True, exist_ok=True)
+    counts = init_run(run.db, plan_file, settings)
+    started = gce_bootstrap.bootstrap(run, echo=click.echo)
+    click.echo(f"{run.path}: {counts['experiments_added']:,} experiments added; the run is on Compute Engine")
+    click.echo(f"watch it with: sdm-peer status --replica {started['replica_url']} --watch 30")
+
+
 @main.command()
 @click.option("--server", help="The server, HOST:PORT.")
 @click.option("--dir", "run_dir", type=click.Path(file_okay=False), help="A run directory instead of --server.")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="Token file (or set SDM_TOKEN).")
 @tls_ca_option
-@click.option("--worker-id", required=True, help="The worker whose leases to give back.")
+@click.option("--worker-id", help="The worker whose leases to give back.")
 @click.option("--reason", default="released by hand", show_default=True, help="Recorded with each attempt.")
-def release(server, run_dir, token_file, tls_ca, worker_id, reason):
+@click.option("--from-metadata", is_flag=True,
+              help="On a Compute Engine VM: this VM's worker id, server and token from the metadata server.")
+def release(server, run_dir, token_file, tls_ca, worker_id, reason, from_metadata):
     """Give back every lease a worker holds (its experiments become INTERRUPTED).
 
     This is what a VM's shutdown script runs when the VM is preempted."""
-    client = server_client(server, run_dir, token_file, retry_seconds=15.0, tls_ca=tls_ca)
+    if from_metadata:
+        vm, client = metadata_client(tls_ca, retry_seconds=15.0)
+        worker_id = vm["worker_id"]
+    elif worker_id is None:
+        raise BadInput("give --worker-id (or --from-metadata on a VM)")
+    else:
+        client = server_client(server, run_dir, token_file, retry_seconds=15.0, tls_ca=tls_ca)
     released = client.call("release", worker_id=worker_id, reason=reason)["released"]
     click.echo(f"released {released} lease(s) of {worker_id}")
+
+
+@main.group()
+def group():
+    """Create or remove one config's group of workers, with the run's provider settings.
+
+    For operators: bring a group up after raising a quota, or down by hand. Both are
+    idempotent: an existing group is kept, a missing one is fine."""
+
+
+def group_provider(config, db, server, run_dir, token_file, tls_ca):
+    """The run's provider and CONFIG's record (shape, group size), from the database or the server."""
+    from .providers import provider_for
+    from .rundir import read_token, resolve_token
+    from .store import Store
+
+    if len([value for value in (db, server, run_dir) if value]) != 1:
+        raise BadInput("give exactly one of --db, --server or --dir")
+    if server:
+        client = server_client(server, None, token_file, tls_ca=tls_ca)
+        configs, token, run_root = client.call("status")["configs"], resolve_token(token_file), None
+    else:
+        db_path = RunDir(run_dir).db if run_dir else Path(db)
+        store = Store(db_path, create=False)
+        try:
+            settings, configs = store.settings, store.status(now=now())["configs"]
+        finally:
+            store.close()
+        token, run_root = read_token(token_file or token_path_for(db_path)), db_path.parent
+    record = next((entry for entry in configs if entry["name"] == config), None)
+    if record is None:
+        names = ", ".join(entry["name"] for entry in configs[:8])
+        raise BadInput(f"no config {config!r} in this run", hint=f"its configs: {names or 'none'}")
+    if server:  # the run's settings come with `hello` (for this config's shape)
+        settings = client.call("hello", worker_id="sdm-peer-group", cores=record["cores"],
+                               memory_gb=record["memory_gb"])["settings"]
+    provider = provider_for(settings, run_root, token=token)
+    if provider is None:
+        raise BadInput("this run's provider is `none`: its workers are started by hand")
+    return provider, {**record, "config": record["name"]}
+
+
+@group.command("up")
+@click.argument("config")
+@target_options
+def group_up(config, db, server, run_dir, token_file, tls_ca):
+    """Create CONFIG's group (e.g. c4-m16) of group_size workers."""
+    provider, record = group_provider(config, db, server, run_dir, token_file, tls_ca)
+    provider.create_group(record)
+    click.echo(f"group of {config} is up ({record['group_size']} workers)")
+
+
+@group.command("down")
+@click.argument("config")
+@target_options
+def group_down(config, db, server, run_dir, token_file, tls_ca):
+    """Remove CONFIG's group; its workers give their leases back as they stop."""
+    provider, record = group_provider(config, db, server, run_dir, token_file, tls_ca)
+    provider.delete_group(record)
+    click.echo(f"group of {config} is down")
 
 
 @main.command()

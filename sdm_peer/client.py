@@ -72,6 +72,17 @@ class Client:
         Transport failures are retried for `retry_seconds` (default: the client's), then
         ServerUnavailable is raised."""
         limit = self.retry_seconds if retry_seconds is ... else retry_seconds
+        try:
+            response = self._exchange(op, args)  # the common case, without building a retry loop
+        except TransportError:
+            response = self._retried(op, args, limit)
+        if response["ok"]:
+            return response["result"]
+        error = response.get("error") or {}
+        raise error_for(error.get("code", "INTERNAL"), error.get("message", "no message"))
+
+    def _retried(self, op, args, limit):
+        """The exchange again, with backoff, until it goes through or `limit` seconds pass."""
         stop = tenacity.stop_never if limit is None else tenacity.stop_after_delay(limit)
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(TransportError),
@@ -80,14 +91,10 @@ class Client:
             before_sleep=lambda state: log.info("server %s:%s unreachable (%s); retrying",
                                                 self.host, self.port, state.outcome.exception()))
         try:
-            response = retrying(self._exchange, op, args)
+            return retrying(self._exchange, op, args)
         except TransportError as exc:
             raise ServerUnavailable(f"cannot reach the server at {self.host}:{self.port}: {exc}",
                                     hint="is `sdm-peer serve` running there?") from None
-        if response["ok"]:
-            return response["result"]
-        error = response.get("error") or {}
-        raise error_for(error.get("code", "INTERNAL"), error.get("message", "no message"))
 
     def _exchange(self, op, args):
         request_id = next(self._ids)

@@ -32,6 +32,11 @@ CREATE TABLE IF NOT EXISTS configs (
     CHECK (provision_expires_at IS NULL OR provision_token IS NOT NULL)
 );
 
+-- Outstanding provisioning leases: "is a hand-off pending, and when does it lapse" on every claim.
+CREATE INDEX IF NOT EXISTS configs_provisioning
+    ON configs (provision_expires_at)
+    WHERE provision_expires_at IS NOT NULL;
+
 CREATE TABLE IF NOT EXISTS experiments (
     id               INTEGER PRIMARY KEY,
     key              TEXT NOT NULL UNIQUE,
@@ -89,6 +94,11 @@ CREATE TABLE IF NOT EXISTS attempts (
     result       TEXT CHECK (result IS NULL OR json_valid(result)),
     UNIQUE (experiment, number)
 );
+
+-- Attempts by outcome in the order they ended: the live view's throughput (DONE in the last
+-- minutes) and its feed of failures, expiries and interruptions, without a scan of the table.
+CREATE INDEX IF NOT EXISTS attempts_outcome_ended
+    ON attempts (outcome, ended_at);
 
 CREATE TABLE IF NOT EXISTS workers (
     id         TEXT PRIMARY KEY,

@@ -14,6 +14,7 @@ import time
 
 from . import protocol
 from .errors import BadInput, Busy, SdmPeerError, TooLarge, Unauthorized
+from .overview import overview
 from .store import Store
 
 log = logging.getLogger("sdm_peer.server")
@@ -52,8 +53,9 @@ class AuthFailures:
 class Server:
     def __init__(self, db_path, token, *, host="127.0.0.1", port=DEFAULT_PORT, lease_seconds=None,
                  idle_timeout=IDLE_TIMEOUT, max_connections=MAX_CONNECTIONS, replicated=False,
-                 on_listening=None, clock=time.time, ssl_context=None):
+                 on_listening=None, clock=time.time, ssl_context=None, durable=False, dashboard=None):
         self.db_path, self.host, self.port = db_path, host, port
+        self.dashboard = dashboard  # optional (dashboard.Dashboard): its own thread and read-only connection
         self._token = token.encode()
         self.lease_seconds = lease_seconds
         self.idle_timeout, self.max_connections = idle_timeout, max_connections
@@ -64,11 +66,14 @@ class Server:
         self._stopping = None
         self.ssl_context = ssl_context
         self.auth_failures = AuthFailures()
+        self.durable = durable
+        self._queued = []  # (op, args, future) waiting for the next batch
+        self._draining = False
 
     # ---------------------------------------------------------------- store side (db thread)
 
     def _open(self):
-        self._store = Store(self.db_path, replicated=self.replicated)
+        self._store = Store(self.db_path, replicated=self.replicated, durable=self.durable)
         if self.lease_seconds is None:
             self.lease_seconds = float(self._store.settings["lease_seconds"])
         extended = self._store.extend_leases(now=self.clock(), seconds=self.lease_seconds)
@@ -98,8 +103,51 @@ class Server:
         if op == "group_deleted":
             return store.group_deleted(args["config"], now=now, worker_id=args.get("worker_id"))
         if op == "status":
-            return store.status(now=now)
+            return overview(store, now=now, with_replication=False)  # never wait on Litestream here
         raise AssertionError(f"op {op!r} passed validation but has no handler")
+
+    def _run_batch(self, requests):
+        """Every queued request in one transaction (group commit). Each one's outcome is kept
+        apart; none is answered before the commit, and a failed commit fails them all."""
+        outcomes = []
+        try:
+            with self._store.batch():
+                for op, args in requests:
+                    try:
+                        outcomes.append((True, self._dispatch(op, args)))
+                    except Exception as exc:  # noqa: BLE001 - each request gets its own answer
+                        outcomes.append((False, exc))
+        except Exception:
+            log.exception("a batch of %d requests could not be committed", len(requests))
+            failure = SdmPeerError("the database could not commit this request; try again")
+            return [(False, failure)] * len(requests)
+        return outcomes
+
+    async def _execute(self, op, args):
+        """Queue a request for the database thread and wait for its committed outcome."""
+        future = asyncio.get_running_loop().create_future()
+        self._queued.append((op, args, future))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self):
+        """Hand everything queued to the database thread as one batch, until nothing is queued;
+        requests arriving while a batch commits form the next one."""
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                outcomes = await self._on_db(self._run_batch, [(op, args) for op, args, _ in batch])
+                for (_, _, future), (ok, value) in zip(batch, outcomes):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+        finally:
+            self._draining = False
 
     def _close_store(self):
         if self._store is not None:
@@ -163,8 +211,8 @@ class Server:
             request = protocol.parse_request(line)
             request_id = request.id
             if not isinstance(request.token, str) or not hmac.compare_digest(request.token.encode(), self._token):
-                return await self._refuse_authentication(request_id, peer), True
-            result = await self._on_db(self._dispatch, request.op, request.args)
+                return await self._refuse_authentication(request_id, peer)
+            result = await self._execute(request.op, request.args)
             return protocol.encode_result(request_id, result), False
         except protocol.RequestError as exc:
             return protocol.encode_error(exc.request_id, exc.code, str(exc)), False
@@ -176,8 +224,8 @@ class Server:
             return answer, False
 
     async def _refuse_authentication(self, request_id, peer):
-        """A missing or wrong token: counted per address, throttled past the allowance. The
-        token itself is never logged or echoed."""
+        """A missing or wrong token: counted per address, throttled past the allowance (and
+        then the connection is closed). The token itself is never logged or echoed."""
         address = peer[0] if peer else "unknown"
         throttled = self.auth_failures.record(address, time.monotonic())
         if throttled:
@@ -187,7 +235,7 @@ class Server:
                         " (throttling this address)" if throttled else "")
         error = Unauthorized("missing or wrong token" + ("; too many failures from this address, slowed down"
                                                          if throttled else ""))
-        return protocol.encode_error(request_id, error.code, str(error))
+        return protocol.encode_error(request_id, error.code, str(error)), throttled
 
     # ---------------------------------------------------------------- life cycle
 
@@ -206,8 +254,12 @@ class Server:
         if self.on_listening is not None:
             self.on_listening(host, port)
         try:
+            if self.dashboard is not None:
+                await loop.run_in_executor(None, self.dashboard.start)
             await self._stopping.wait()
         finally:
+            if self.dashboard is not None:
+                await loop.run_in_executor(None, self.dashboard.stop)
             server.close()
             for task, busy in list(self._connections.items()):
                 if not busy:

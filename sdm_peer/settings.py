@@ -4,6 +4,7 @@ Settings live in the database so that whichever worker inherits a provisioning l
 everything it needs. Values are validated here, before anything is written."""
 
 import json
+import re
 import shlex
 import tomllib
 from pathlib import Path
@@ -58,6 +59,58 @@ def _command(value):
     return value
 
 
+def _pattern(regex, description):
+    """A string matching `regex` (whole), described as `description` in a refusal."""
+    compiled = re.compile(regex)
+
+    def check(value):
+        if not isinstance(value, str) or not compiled.fullmatch(value):
+            raise ValueError(description)
+        return value
+    return check
+
+
+def _disk_gb(value):
+    if _positive_int(value) < 10:
+        raise ValueError("at least 10 (Compute Engine's smallest boot disk)")
+    return value
+
+
+def _server(value):
+    host, sep, port = str(value).rpartition(":")
+    if not isinstance(value, str) or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("HOST:PORT")
+    return value
+
+
+def _machine_family(value):
+    from .providers.machine_types import FAMILIES
+
+    value = value.lower() if isinstance(value, str) else value
+    if value not in FAMILIES:
+        raise ValueError("one of " + ", ".join(FAMILIES))
+    return value
+
+
+# Google Cloud values are checked for their shape here, so a typo is refused at `init`, not
+# when a worker weeks later inherits a provisioning lease. Whether the project exists is the
+# API's to say.
+_project = _pattern(r"([a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]",
+                    "a Google Cloud project ID (6-30 lowercase letters, digits, hyphens)")
+_zone = _pattern(r"[a-z]+-[a-z]+[0-9]+-[a-z]", "a zone such as us-central1-a")
+_network = _pattern(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?|(projects/[^/\s]+/)?global/networks/[a-z][-a-z0-9]*",
+                    "a network name or projects/P/global/networks/N")
+_image = _pattern(r"(projects/[^/\s]+/)?global/images/(family/)?[a-z][-a-z0-9]*",
+                  "an image such as projects/debian-cloud/global/images/family/debian-12")
+_service_account = _pattern(r"default|[^@\s]+@[^@\s]+\.[^@\s]+", "`default` or a service account email")
+_replica_url = _pattern(r"(gs|s3|abs|sftp|file)://\S+", "a Litestream replica URL (gs://BUCKET/PATH or file:///PATH)")
+_code_url = _pattern(r"(https?|ssh|git)://\S+|git@[^:\s]+:\S+|gs://\S+|file:///\S+",
+                     "a git URL (https://, ssh://, git@HOST:PATH) or a gs://BUCKET/PATH")
+# run_name goes into resource names (<= 63 characters with the config's name) and labels.
+_run_name = _pattern(r"[a-z]([-a-z0-9]{0,18}[a-z0-9])?",
+                     "1-20 lowercase letters, digits or hyphens, starting with a letter")
+
+
 SCHEMA = {
     "provider": _provider,
     "command": _command,
@@ -67,18 +120,19 @@ SCHEMA = {
     "max_failures": _positive_int,
     "max_interruptions": _positive_int,
     # Google Cloud (issue: GCE provider).
-    "project": _text,
-    "zone": _text,
-    "network": _text,
-    "image": _text,
-    "disk_gb": _positive_int,
+    "project": _project,
+    "zone": _zone,
+    "network": _network,
+    "image": _image,
+    "disk_gb": _disk_gb,
     "spot": _boolean,
-    "service_account": _text,
-    "server": _text,
-    "replica_url": _text,
-    "code_url": _text,
-    "run_name": _text,
-    "machine_family": _text,
+    "service_account": _service_account,
+    "server": _server,
+    "replica_url": _replica_url,
+    "code_url": _code_url,
+    "run_name": _run_name,
+    "machine_family": _machine_family,
+    "sdm_peer_spec": _text,
 }
 
 DEFAULTS = {

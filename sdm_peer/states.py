@@ -13,6 +13,7 @@ STATUSES = (NOT_STARTED, STARTED, DONE, ERROR, INTERRUPTED, LEGACY, FAILED)
 
 CLAIMABLE = (NOT_STARTED, INTERRUPTED, ERROR)
 FINISHED = (DONE, FAILED, LEGACY)
+UNFINISHED = tuple(status for status in STATUSES if status not in FINISHED)
 
 # Config states, in the order a config goes through them.
 WAITING = "WAITING"
@@ -25,6 +26,8 @@ CONFIG_STATES = (WAITING, PROVISIONING, RUNNING, CONFIG_DONE)
 OUTCOMES = (DONE, ERROR, INTERRUPTED, "EXPIRED", "LOST")
 EXPIRED = "EXPIRED"
 LOST = "LOST"
+# Outcomes of attempts whose work is done again: their compute time is lost to re-runs.
+UNSUCCESSFUL = (ERROR, INTERRUPTED, EXPIRED, LOST)
 
 # event -> (statuses it may leave, statuses it may lead to). store.py checks every UPDATE
 # against this table; an UPDATE that matches no row is a refusal, never a silent no-op.

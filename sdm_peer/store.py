@@ -22,7 +22,7 @@ from . import settings as settings_mod
 from . import states as st
 from .errors import LeaseLost, NoSuchConfig, SdmPeerError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 ERROR_TAIL_CHARS = 4000
 
@@ -39,7 +39,8 @@ def _sql_list(values):
 
 
 CLAIMABLE_SQL = _sql_list(st.TRANSITIONS["claim"][0])
-FINISHED_SQL = _sql_list(st.FINISHED)
+UNFINISHED_SQL = _sql_list(st.UNFINISHED)
+UNSUCCESSFUL_SQL = _sql_list(st.UNSUCCESSFUL)
 
 # The claim query; its WHERE clause matches the partial index `experiments_claimable`.
 CLAIM_NEXT_SQL = f"""
@@ -49,21 +50,34 @@ CLAIM_NEXT_SQL = f"""
 """
 
 
-def connect(path, *, replicated=False):
+def connect(path, *, replicated=False, durable=False):
     """Open the database with the pragmas every connection needs.
 
-    WAL lets readers run beside the one writer; synchronous=FULL makes an acknowledged report
-    survive a power cut. Under Litestream the server must not checkpoint on its own
-    (Litestream owns checkpointing), hence `replicated`."""
+    WAL lets readers run beside the one writer. With synchronous=NORMAL a committed transaction
+    survives the process being killed but not a power cut of the machine (the last commits can
+    roll back; their experiments run again); `durable` (synchronous=FULL) makes every
+    acknowledged report survive that too, at one fsync per commit. Under Litestream the server
+    must not checkpoint on its own (Litestream owns checkpointing), hence `replicated`."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
                            check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
     conn.execute("PRAGMA foreign_keys = ON")
     if replicated:
         conn.execute("PRAGMA wal_autocheckpoint = 0")
+    return conn
+
+
+def connect_readonly(path):
+    """A connection whose every write SQLite itself refuses (the dashboard's, the report's).
+    It reads the writer's commits through the WAL and never takes the write lock."""
+    conn = sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True, isolation_level=None,
+                           timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA query_only = ON")
     return conn
 
 
@@ -79,17 +93,22 @@ def config_name(cores, memory_gb):
 class Store:
     """The lease store over one SQLite file. One instance per thread of use."""
 
-    def __init__(self, path, *, replicated=False, create=True):
+    def __init__(self, path, *, replicated=False, durable=False, create=True, readonly=False):
         path = Path(path)
-        if not create and not path.exists():
+        if (readonly or not create) and not path.exists():
             raise SdmPeerError(f"{path}: no such database", hint="create it with `sdm-peer init`")
         self.path = path
+        self._batching = False
         try:
-            self.conn = connect(str(path), replicated=replicated)
+            self.conn = (connect_readonly(path) if readonly
+                         else connect(str(path), replicated=replicated, durable=durable))
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:  # a missing directory, a file that is not a database
             raise SdmPeerError(f"{path}: cannot open the database: {exc}") from None
-        if version != SCHEMA_VERSION:
+        if readonly and version == 0:  # an older version reads fine: schema changes only add
+            self.conn.close()
+            raise SdmPeerError(f"{path}: not an sdm-peer database")
+        if not readonly and version != SCHEMA_VERSION:
             with self._write():
                 for statement in _statements(schema_sql()):
                     self.conn.execute(statement)
@@ -102,7 +121,18 @@ class Store:
     @contextlib.contextmanager
     def _write(self):
         """One write transaction; BEGIN IMMEDIATE takes the write lock up front so two
-        writers queue on the busy timeout instead of failing half-way."""
+        writers queue on the busy timeout instead of failing half-way. Inside a batch it is a
+        savepoint: it still succeeds or fails whole, and commits with the batch."""
+        if self._batching:
+            self.conn.execute("SAVEPOINT transition")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK TO transition")
+                self.conn.execute("RELEASE transition")
+                raise
+            self.conn.execute("RELEASE transition")
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -112,8 +142,29 @@ class Store:
         self.conn.execute("COMMIT")
 
     @contextlib.contextmanager
+    def batch(self):
+        """Group commit: the transitions run inside this block share one transaction, one
+        commit and (when durable) one fsync. Each still succeeds or fails on its own; if the
+        commit fails, every one of them is lost together (the caller answers each with an error)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._batching = True
+        try:
+            yield self
+            self._batching = False
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._batching = False
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
     def _read(self):
-        """A short read transaction: one consistent snapshot for a multi-query read."""
+        """A short read transaction: one consistent snapshot for a multi-query read (inside a
+        batch, the batch's own transaction is that snapshot)."""
+        if self.conn.in_transaction:
+            yield self.conn
+            return
         self.conn.execute("BEGIN")
         try:
             yield self.conn
@@ -163,7 +214,7 @@ class Store:
                 f"""UPDATE configs SET state = '{st.WAITING}', done_at = NULL
                     WHERE state = '{st.CONFIG_DONE}' AND EXISTS (
                         SELECT 1 FROM experiments e WHERE e.config = configs.id
-                        AND e.status NOT IN {FINISHED_SQL})
+                        AND e.status IN {UNFINISHED_SQL})
                     RETURNING name""").fetchall()
             for row in reopened:
                 self._event(db, now, "config_reopened", row["name"])
@@ -199,6 +250,10 @@ class Store:
             if row is not None:
                 experiment = self._start(db, row, config, worker_id, now, lease_seconds)
             provision = provision or self._take_over_provisioning(db, worker_id, now)
+            if experiment is not None:  # nothing to wait for
+                return {"experiment": experiment, "provision": provision, "config": config["name"],
+                        "config_done": False, "handoff_pending": self._pending_provision(db) is not None,
+                        "retry_after": None}
             answer = self._progress(db, config["id"], now)
         return {"experiment": experiment, "provision": provision, **answer}
 
@@ -227,7 +282,7 @@ class Store:
         next_expiry = db.execute(
             f"SELECT MIN(lease_expires_at) FROM experiments WHERE config = ? AND status = '{st.STARTED}'",
             (config_id,)).fetchone()[0]
-        pending = db.execute("SELECT MIN(provision_expires_at) FROM configs").fetchone()[0]
+        pending = self._pending_provision(db)
         waits = [moment - now for moment in (next_expiry, pending) if moment is not None]
         return {"config": config["name"], "config_done": done, "handoff_pending": pending is not None,
                 "retry_after": max(0.0, min(waits)) if waits else None}
@@ -269,9 +324,8 @@ class Store:
                                             exit_code=0, result=result_json)
             else:
                 refusal = None
-                self._end_attempt(db, lease_token, st.DONE, now, wall_seconds=wall_seconds, exit_code=0)
-                config_done, provision = self._finish_if_complete(db, row["config"], now,
-                                                                  self._owner_of(db, lease_token))
+                worker = self._end_attempt(db, lease_token, st.DONE, now, wall_seconds=wall_seconds, exit_code=0)
+                config_done, provision = self._finish_if_complete(db, row["config"], now, worker)
         if refusal is not None:
             return self._refuse_or_repeat(refusal)
         return {"status": st.DONE, "config_done": config_done, "provision": provision}
@@ -297,10 +351,9 @@ class Store:
                                             exit_code=exit_code, error=error)
             else:
                 refusal = None
-                self._end_attempt(db, lease_token, st.ERROR, now, wall_seconds=wall_seconds,
-                                  exit_code=exit_code, error=error)
-                config_done, provision = self._finish_if_complete(db, row["config"], now,
-                                                                  self._owner_of(db, lease_token))
+                worker = self._end_attempt(db, lease_token, st.ERROR, now, wall_seconds=wall_seconds,
+                                           exit_code=exit_code, error=error)
+                config_done, provision = self._finish_if_complete(db, row["config"], now, worker)
         if refusal is not None:
             return self._refuse_or_repeat(refusal)
         return {"status": row["status"], "config_done": config_done, "provision": provision}
@@ -377,15 +430,13 @@ class Store:
         return {**refusal, "config_done": False, "provision": None}
 
     def _end_attempt(self, db, lease_token, outcome, now, *, wall_seconds=None, exit_code=None, error=None):
-        changed = db.execute(
+        """Record how an attempt ended; returns the worker that made it."""
+        ended = db.execute(
             "UPDATE attempts SET outcome = ?, ended_at = ?, wall_seconds = ?, exit_code = ?, error = ?"
-            " WHERE lease_token = ? AND outcome IS NULL",
-            (outcome, now, wall_seconds, exit_code, error, lease_token)).rowcount
-        assert changed == 1, "an attempt ended twice"
-
-    @staticmethod
-    def _owner_of(db, lease_token):
-        return db.execute("SELECT worker FROM attempts WHERE lease_token = ?", (lease_token,)).fetchone()[0]
+            " WHERE lease_token = ? AND outcome IS NULL RETURNING worker",
+            (outcome, now, wall_seconds, exit_code, error, lease_token)).fetchone()
+        assert ended is not None, "an attempt ended twice"
+        return ended["worker"]
 
     # ---------------------------------------------------------------- configs and hand-off
 
@@ -393,8 +444,10 @@ class Store:
         """If no experiment of the config is unfinished, mark it DONE and elect the caller to
         provision the next WAITING config (exactly once: only the UPDATE that changed the
         state hands off). Returns (config_done, provision)."""
+        # Named statuses, not NOT IN: a seek per status in experiments_config_status, instead
+        # of a walk over every finished row of the config.
         unfinished = db.execute(
-            f"SELECT EXISTS (SELECT 1 FROM experiments WHERE config = ? AND status NOT IN {FINISHED_SQL})",
+            f"SELECT EXISTS (SELECT 1 FROM experiments WHERE config = ? AND status IN {UNFINISHED_SQL})",
             (config_id,)).fetchone()[0]
         if unfinished:
             return False, None
@@ -428,11 +481,17 @@ class Store:
                 "memory_gb": _number(row["memory_gb"]), "group_size": row["group_size"],
                 "lease_seconds_left": self.settings["provision_lease_seconds"], "previous": None}
 
+    @staticmethod
+    def _pending_provision(db):
+        """When the earliest outstanding provisioning lease lapses (None: none is outstanding)."""
+        return db.execute("SELECT MIN(provision_expires_at) FROM configs").fetchone()[0]
+
     def _take_over_provisioning(self, db, owner, now):
         """A provisioning lease that lapsed before `provisioned` goes to the next one to ask.
         This holds even when workers of the new group already claim: the duty includes
         recording the group, and creating it again is harmless (create_group is idempotent)."""
-        if self.settings["provider"] == "none":
+        pending = self._pending_provision(db)
+        if self.settings["provider"] == "none" or pending is None or pending > now:
             return None
         row = db.execute(
             """UPDATE configs SET provision_owner = ?, provision_token = ?, provision_expires_at = ?
@@ -548,9 +607,89 @@ class Store:
             yield {**row, "memory_gb": _number(row["memory_gb"]), "params": json.loads(row["params"]),
                    "result": json.loads(row["result"]) if row["result"] is not None else None}
 
+    def integrity_check(self):
+        """SQLite's own check of the file: ["ok"] when the database is sound."""
+        return [row[0] for row in self.conn.execute("PRAGMA integrity_check")]
+
     def explain_claim(self):
         """The query plan of the claim query (for the test that keeps it an index seek)."""
         return [row["detail"] for row in self.conn.execute("EXPLAIN QUERY PLAN " + CLAIM_NEXT_SQL, {"config": 1})]
+
+    # ---------------------------------------------------------------- reading: the live view and the report
+
+    def leases(self, *, now, limit=None):
+        """Leases held now, the soonest to lapse first: which worker holds which experiment,
+        seconds left (negative: lapsed, not yet taken back) and how long its attempt has run."""
+        rows = self.conn.execute(
+            f"""SELECT e.key, c.name AS config, e.lease_owner AS worker, a.number AS attempt,
+                       e.lease_expires_at - :now AS seconds_left, :now - a.claimed_at AS running_seconds
+                FROM experiments e JOIN configs c ON c.id = e.config JOIN attempts a ON a.lease_token = e.lease_token
+                WHERE e.status = '{st.STARTED}' ORDER BY e.lease_expires_at LIMIT :limit""",
+            {"now": now, "limit": -1 if limit is None else limit}).fetchall()
+        return [{**row, "seconds_left": round(row["seconds_left"], 1),
+                 "running_seconds": round(row["running_seconds"], 1)} for row in map(dict, rows)]
+
+    def provisioning(self, *, now):
+        """Configs whose group is being created: by whom, and the seconds left on the
+        provisioning lease (None once the group was reported made)."""
+        rows = self.conn.execute(
+            f"""SELECT name AS config, provision_owner AS owner, provision_expires_at - ? AS seconds_left
+                FROM configs WHERE state = '{st.PROVISIONING}' OR provision_expires_at IS NOT NULL
+                ORDER BY sequence""", (now,)).fetchall()
+        return [{**row, "seconds_left": None if row["seconds_left"] is None else round(row["seconds_left"], 1)}
+                for row in map(dict, rows)]
+
+    def recent_events(self, *, now, limit):
+        """The newest happenings, newest first: config-level events (hand-offs, groups made and
+        removed; not the `config_added` of the plan's import) and attempts that did not end DONE
+        (failures, interruptions, expiries, late reports)."""
+        with self._read() as db:
+            events = db.execute(
+                "SELECT at, kind, config, worker, NULL AS key, detail FROM events WHERE kind != 'config_added'"
+                " ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            attempts = db.execute(
+                f"""SELECT a.ended_at AS at, lower(a.outcome) AS kind, c.name AS config, a.worker, e.key,
+                           a.exit_code, a.error
+                    FROM attempts a JOIN experiments e ON e.id = a.experiment JOIN configs c ON c.id = e.config
+                    WHERE a.outcome IN {UNSUCCESSFUL_SQL} ORDER BY a.ended_at DESC LIMIT ?""",
+                (limit,)).fetchall()
+        merged = [{**dict(row), "detail": json.loads(row["detail"])} for row in events]
+        merged += [{**{k: row[k] for k in ("at", "kind", "config", "worker", "key")},
+                    "detail": {"exit_code": row["exit_code"], "error": _last_line(row["error"])}} for row in attempts]
+        merged.sort(key=lambda event: event["at"], reverse=True)
+        return [{"seconds_ago": round(now - event.pop("at"), 1), **event} for event in merged[:limit]]
+
+    def timings(self, *, now, window):
+        """Measured wall times: per config, how many DONE experiments have one and their mean;
+        and the attempts that ended DONE in the last `window` seconds, with the seconds that
+        window really covers (fewer when the run's first claim is more recent)."""
+        with self._read() as db:
+            per_config = db.execute(
+                f"SELECT c.name, COUNT(e.wall_seconds) AS n, AVG(e.wall_seconds) AS mean FROM experiments e"
+                f" JOIN configs c ON c.id = e.config WHERE e.status = '{st.DONE}' GROUP BY c.id").fetchall()
+            recent = db.execute(f"SELECT COUNT(*) FROM attempts WHERE outcome = '{st.DONE}' AND ended_at > ?",
+                                (now - window,)).fetchone()[0]
+            first_claim = db.execute("SELECT claimed_at FROM attempts ORDER BY id LIMIT 1").fetchone()
+        since = max(now - window, first_claim[0]) if first_claim else now
+        return {"configs": {row["name"]: {"n": row["n"], "mean_wall_seconds": row["mean"]} for row in per_config},
+                "recent_done": recent, "window_seconds": max(0.0, now - since)}
+
+    def attempt_history(self):
+        """Per config, in run order: its attempts counted by outcome (None: still running), with
+        their seconds: the wall time the worker reported, else claim to end (an attempt cut off
+        without a report)."""
+        rows = self.conn.execute(
+            """SELECT c.name AS config, c.cores, c.memory_gb, a.outcome, COUNT(a.id) AS count,
+                      COALESCE(SUM(COALESCE(a.wall_seconds, a.ended_at - a.claimed_at)), 0) AS seconds
+               FROM configs c LEFT JOIN experiments e ON e.config = c.id LEFT JOIN attempts a ON a.experiment = e.id
+               GROUP BY c.id, a.outcome ORDER BY c.sequence""").fetchall()
+        history = {}
+        for row in rows:
+            entry = history.setdefault(row["config"], {"config": row["config"], "cores": row["cores"],
+                                                       "memory_gb": _number(row["memory_gb"]), "outcomes": {}})
+            if row["count"]:
+                entry["outcomes"][row["outcome"]] = {"count": row["count"], "seconds": row["seconds"]}
+        return list(history.values())
 
     # ---------------------------------------------------------------- helpers
 
@@ -574,6 +713,12 @@ class Store:
     def _event(db, now, kind, config, worker=None, detail=None):
         db.execute("INSERT INTO events (at, kind, config, worker, detail) VALUES (?, ?, ?, ?, ?)",
                    (now, kind, config, worker, json.dumps(detail or {})))
+
+
+def _last_line(text):
+    """The last non-empty line of an error tail, kept short for a one-line feed."""
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""
 
 
 def _statements(script):

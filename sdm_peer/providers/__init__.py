@@ -9,8 +9,9 @@ def config_name(config):
     return config.get("config") or config["name"]
 
 
-def provider_for(settings, run_dir=None):
-    """The provider a run's settings name, or None for `provider=none`."""
+def provider_for(settings, run_dir=None, token=None):
+    """The provider a run's settings name, or None for `provider=none`. The gce provider needs
+    the run's token (its VMs present it to the server)."""
     kind = settings.get("provider", "none")
     if kind == "none":
         return None
@@ -19,5 +20,20 @@ def provider_for(settings, run_dir=None):
 
         if run_dir is None:
             raise SettingsError("the local provider needs the run directory (SDM_RUN_DIR or --dir)")
-        return LocalProvider(run_dir)
+        return LocalProvider(run_dir, server=settings.get("server"))
+    if kind == "gce":
+        from .gce import GceProvider
+
+        if token is None:
+            raise SettingsError("the gce provider needs the run's token")
+        return GceProvider(settings, token)
     raise SettingsError(f"provider {kind!r} is not available in this version")
+
+
+def check_run(settings, shapes):
+    """Refuse, before anything is written, a run its provider could not serve: `settings` are
+    the run's (stored and new), `shapes` every config's (cores, memory_gb)."""
+    if settings.get("provider") == "gce":
+        from .gce import check_run as check_gce_run
+
+        check_gce_run(settings, shapes)

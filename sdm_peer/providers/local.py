@@ -4,7 +4,11 @@ Like a managed instance group, a small per-group supervisor keeps the group at s
 that dies (killed, crashed) is replaced; one that exits 0 (its config is finished) is not. The
 group's state lives under RUNDIR/groups/CONFIG/: group.json (the record), workers.json (the
 live worker pids) and the logs. Run as `python -m sdm_peer.providers.local GROUPDIR` it is the
-supervisor."""
+supervisor.
+
+Workers find the server through the run directory (server.json), or, when the run's `server`
+setting is given (HOST:PORT, e.g. a proxy in front of the server), through that address with
+the run's token file."""
 
 import json
 import logging
@@ -27,8 +31,10 @@ STEADY_SECONDS = 60.0  # a worker that lived this long resets its slot's backoff
 
 
 class LocalProvider:
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, server=None):
+        """`server`: the HOST:PORT workers use to reach the server (None: RUNDIR/server.json)."""
         self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.server = server
 
     def group_dir(self, name):
         return self.run.groups / name
@@ -51,7 +57,7 @@ class LocalProvider:
         directory.mkdir(parents=True, exist_ok=True)
         record = {"config": name, "cores": config["cores"], "memory_gb": config["memory_gb"],
                   "size": config["group_size"], "created_at": time.time(), "deleted": False,
-                  "supervisor_pid": None}
+                  "supervisor_pid": None, "server": self.server}
         _write_json(directory / "group.json", record)
         with open(directory / "supervisor.log", "ab") as logfile:
             try:
@@ -104,7 +110,10 @@ class Supervisor:
         self.generation = {}  # slot -> how many workers it has started, for worker ids
 
     def worker_command(self, slot):
-        return [sys.executable, "-m", "sdm_peer", "work", "--dir", str(self.run_dir.path),
+        server = self.record.get("server")
+        reach = (["--server", server, "--token-file", str(self.run_dir.token_file)] if server
+                 else ["--dir", str(self.run_dir.path)])
+        return [sys.executable, "-m", "sdm_peer", "work", *reach,
                 "--cores", str(self.record["cores"]), "--memory-gb", str(self.record["memory_gb"]),
                 "--worker-id", f"{self.record['config']}-s{slot}-{os.getpid()}.{self.generation[slot]}"]
 

@@ -1,0 +1,68 @@
+"""The cloud-configs that start the database VM and the worker VMs unattended (DESIGN §2, §6).
+
+The templates are package data (sdm_peer/cloud_init/, linked from the top-level cloud-init/);
+`{{name}}` marks a run value. Every value lands in a quoted YAML scalar or, inside a systemd
+unit, escaped for systemd, so no value can change the document's structure."""
+
+import json
+import re
+from importlib import resources
+
+# Where things live on a VM; the tests that run rendered command lines here map these paths.
+VM_SDM_PEER = "/opt/sdm-peer/venv/bin/sdm-peer"
+VM_STATE_DIR = "/var/lib/sdm-peer"
+VM_ETC_DIR = "/etc/sdm-peer"
+WORKER_UNIT = "sdm-peer-worker.service"
+SERVE_UNIT = "sdm-peer-serve.service"
+
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
+def template(name):
+    return resources.files("sdm_peer").joinpath("cloud_init", name).read_text()
+
+
+def _render(name, values):
+    text = template(name)
+    wanted = set(_PLACEHOLDER.findall(text))
+    if wanted != set(values):
+        raise ValueError(f"{name}: placeholders {sorted(wanted)} but values for {sorted(values)}")
+    return _PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), text)
+
+
+def _yaml_string(value):
+    """A YAML double-quoted scalar (JSON's string syntax is YAML's)."""
+    return json.dumps(value)
+
+
+def _systemd_word(value):
+    """One argument of a systemd ExecStart line: specifiers (%) and variables ($) escaped;
+    values with blanks or quotes are refused by the settings' validation before this."""
+    if re.search(r"[\s\"'\\]", value):
+        raise ValueError(f"{value!r} cannot be one word of a command line")
+    return value.replace("%", "%%").replace("$", "$$")
+
+
+def render_worker(settings):
+    """The worker VM's cloud-config for a run (settings with the gce defaults applied)."""
+    return _render("worker.yaml", {
+        "run_name": settings["run_name"],
+        "sdm_peer_spec": _yaml_string(settings["sdm_peer_spec"]),
+        "code_url": _yaml_string(settings.get("code_url") or ""),
+    })
+
+
+def render_db(settings, token, port):
+    """The database VM's cloud-config: the token file and the replicated server."""
+    return _render("db.yaml", {
+        "run_name": settings["run_name"],
+        "token": _yaml_string(token),
+        "port": int(port),
+        "replica_url": _systemd_word(settings["replica_url"]),
+        "sdm_peer_spec": _yaml_string(settings["sdm_peer_spec"]),
+    })
+
+
+def shutdown_script():
+    """The worker VMs' `shutdown-script`: release this worker's leases as the VM stops."""
+    return template("shutdown.sh")

@@ -1,0 +1,370 @@
+"""`sdm-peer serve --http-port PORT`: a read-only web dashboard in the server's process.
+
+`http.server` in its own thread, reading through its own read-only SQLite connection (WAL lets
+it read beside the server's writer), so the socket service's event loop and database thread
+never wait on it, and SQLite itself refuses it any write. Two pages: `/`, HTML that refreshes
+itself (per-config progress, leases, recent events, a chart of mean wall time per shape drawn
+here as inline SVG: no script, no CDN, works offline); and `/status.json`, the object
+`status --json` prints.
+
+Access (DESIGN §5): `Authorization: Bearer <token>`, with the run's token or the dashboard's
+read-only view token (`DB.view-token`, made at start, mode 0600). A browser opens
+`/?token=<view token>` once: the token moves into an HttpOnly cookie and a redirect takes it out
+of the address bar. The run's own token is never taken in a URL (URLs end up in histories and
+logs), and no URL is logged with its query."""
+
+import hmac
+import html
+import http.cookies
+import http.server
+import json
+import logging
+import math
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+from .errors import BadInput
+from .overview import duration, event_text, finished, overview, seconds_text
+from .rundir import write_token
+from .store import Store
+from .view import hidden_summary, visible_configs
+
+log = logging.getLogger("sdm_peer.dashboard")
+
+REFRESH_SECONDS = 5
+COOKIE = "sdm_view"
+COOKIE_MAX_AGE = 30 * 86400  # seconds a browser stays signed in
+REQUEST_TIMEOUT = 10.0  # seconds a client has to send its request; bounds shutdown too
+PAGES = ("/", "/status.json")
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+}
+
+
+def view_token_path_for(db_path):
+    return Path(str(db_path) + ".view-token")
+
+
+def _same(given, secret):
+    return hmac.compare_digest(given.encode(), secret.encode())
+
+
+class Dashboard:
+    """Bound at construction (a taken port is an error before the server starts); serves from
+    start() to stop(), which the server calls when it starts listening and when it stops."""
+
+    def __init__(self, db_path, token, *, host="127.0.0.1", port=0, ssl_context=None, clock=time.time):
+        self.db_path, self.clock = Path(db_path), clock
+        self._token = token
+        self.view_token_file = view_token_path_for(db_path)
+        self._view_token = write_token(self.view_token_file)
+        try:
+            self._http = _HTTPServer((host, port), _Handler)
+        except OSError as exc:
+            raise BadInput(f"cannot listen on {host}:{port} for the dashboard: {exc.strerror}") from None
+        if ssl_context is not None:  # handshakes in the request threads: a silent client holds up only its own
+            self._http.socket = ssl_context.wrap_socket(self._http.socket, server_side=True,
+                                                        do_handshake_on_connect=False)
+        self._http.dashboard = self
+        self.scheme = "https" if ssl_context is not None else "http"
+        self._store = None
+        self._lock = threading.Lock()  # one read at a time on the one read-only connection
+        self._thread = None
+
+    @property
+    def url(self):
+        host, port = self._http.server_address[:2]
+        return f"{self.scheme}://{host}:{port}/"
+
+    def start(self):
+        self._store = Store(self.db_path, readonly=True)
+        self._thread = threading.Thread(target=self._http.serve_forever, name="sdm-dashboard", daemon=True)
+        self._thread.start()
+        print(f"dashboard on {self.url} (read-only token in {self.view_token_file})", flush=True)
+
+    def stop(self):
+        if self._thread is not None:
+            self._http.shutdown()
+        self._http.server_close()  # waits for requests in flight (each bounded by REQUEST_TIMEOUT)
+        if self._store is not None:
+            self._store.close()
+
+    def snapshot(self):
+        with self._lock:
+            return overview(self._store, now=self.clock())
+
+    def authorized(self, headers):
+        """The run's token or the view token as a bearer token, or the view token's cookie."""
+        scheme, _, credential = (headers.get("Authorization") or "").partition(" ")
+        credential = credential.strip()
+        if scheme.lower() == "bearer" and credential and (
+                _same(credential, self._token) or _same(credential, self._view_token)):
+            return True
+        try:
+            cookie = http.cookies.SimpleCookie(headers.get("Cookie") or "").get(COOKIE)
+        except http.cookies.CookieError:
+            return False
+        return cookie is not None and _same(cookie.value, self._view_token)
+
+    def sign_in(self, given):
+        """The cookie for `?token=`, or the reason it is refused."""
+        if _same(given, self._view_token):
+            return (f"{COOKIE}={self._view_token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={COOKIE_MAX_AGE}"
+                    + ("; Secure" if self.scheme == "https" else "")), None
+        if _same(given, self._token):
+            return None, f"the run's token is not taken in a URL; use the read-only token in {self.view_token_file}"
+        return None, "wrong token"
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = False  # server_close() waits for the requests in flight
+    dashboard = None
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    timeout = REQUEST_TIMEOUT
+
+    def version_string(self):
+        return "sdm-peer"  # not the Python version
+
+    def do_GET(self):
+        dashboard = self.server.dashboard
+        url = urllib.parse.urlsplit(self.path)
+        if url.path not in PAGES:
+            return self._send(404, "text/plain; charset=utf-8", b"not found\n")
+        given = urllib.parse.parse_qs(url.query).get("token")
+        if given:
+            cookie, refusal = dashboard.sign_in(given[0])
+            if refusal:
+                return self._refuse(refusal)
+            return self._send(303, "text/plain; charset=utf-8", b"signed in\n",
+                              {"Location": url.path, "Set-Cookie": cookie})
+        if not dashboard.authorized(self.headers):
+            return self._refuse("missing or wrong token")
+        status = dashboard.snapshot()
+        if url.path == "/status.json":
+            return self._send(200, "application/json", json.dumps(status).encode())
+        page = render_page(status, now=dashboard.clock(), database=dashboard.db_path)
+        return self._send(200, "text/html; charset=utf-8", page.encode())
+
+    def _refuse(self, reason):
+        log.info("refused a dashboard request from %s: %s", self.client_address[0], reason)
+        body = (f"401 unauthorized: {reason}.\nSend 'Authorization: Bearer <token>', or open "
+                f"/?token=<read-only token> once in a browser (the token is in the file named in the "
+                f"server's output).\n")
+        self._send(401, "text/plain; charset=utf-8", body.encode(), {"WWW-Authenticate": 'Bearer realm="sdm-peer"'})
+
+    def _send(self, code, content_type, body, headers=None):
+        self.send_response(code)
+        for name, value in {**SECURITY_HEADERS, "Content-Type": content_type, "Content-Length": str(len(body)),
+                            **(headers or {})}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_request(self, code="-", size="-"):
+        # The path only: a query may carry a token.
+        log.debug("%s %s %s %s", self.client_address[0], self.command, urllib.parse.urlsplit(self.path).path, code)
+
+    def log_message(self, format, *args):
+        pass  # http.server's own messages quote the request line, query included
+
+
+# ---------------------------------------------------------------- the page
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="{refresh}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>sdm-peer: {percent} done</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fff; }}
+h1 {{ font-size: 1.4em; margin: 0 0 .2em; }} h2 {{ font-size: 1.1em; margin: 1.4em 0 .4em; }}
+table {{ border-collapse: collapse; }} th, td {{ padding: .2em .7em; text-align: right; white-space: nowrap; }}
+th {{ border-bottom: 1px solid #999; font-weight: 600; }} td.name, th.name {{ text-align: left; }}
+tr.all td {{ border-top: 1px solid #999; font-weight: 600; }}
+.bar {{ width: 140px; height: .8em; background: #e4e4e4; display: inline-block; }}
+.bar span {{ display: block; height: 100%; background: #2e8b57; }}
+.state-RUNNING {{ color: #0a6fa8; font-weight: 600; }} .state-PROVISIONING {{ color: #a86b00; }}
+.state-WAITING {{ color: #888; }} .state-DONE {{ color: #2e8b57; }}
+.kind-error {{ color: #b00020; }} .kind-expired, .kind-interrupted, .kind-lost {{ color: #a86b00; }}
+.lapsed {{ color: #b00020; }} .muted {{ color: #777; }}
+ul.events {{ list-style: none; padding: 0; }} ul.events li {{ margin: .15em 0; }}
+svg text {{ font: 11px system-ui, sans-serif; fill: #333; }} svg .bar-rect {{ fill: #4682b4; }}
+</style></head>
+<body>
+<h1>sdm-peer <span class="muted">{database}</span></h1>
+<p id="summary"><strong><span id="finished">{finished}</span> of <span id="total">{total}</span></strong>
+experiments finished ({percent}); <span id="running">{running}</span> running,
+<span id="errors">{errors}</span> errors, <span id="failed">{failed}</span> failed.</p>
+<p id="speed">{speed}</p>
+{lines}
+<h2>Progress per configuration</h2>
+{progress}
+<h2>Mean wall time per shape</h2>
+{chart}
+<h2>Leases</h2>
+{leases}
+<h2>Recent events</h2>
+{events}
+<p class="muted">Read-only. Refreshes every {refresh}s; as of {as_of}.</p>
+</body></html>
+"""
+
+COUNT_COLUMNS = (("done", "done"), ("running", "started"), ("waiting", None), ("error", "error"),
+                 ("failed", "failed"))
+
+
+def render_page(status, *, now, database=""):
+    """The dashboard's HTML for one status object (everything from the run is escaped)."""
+    totals = status["totals"]
+    throughput, eta = status.get("throughput"), status.get("eta_seconds")
+    speed = "no result yet" if not throughput or throughput["per_minute"] is None else (
+        f"{throughput['per_minute']:,.1f} done per minute over the last {duration(throughput['window_seconds'])}")
+    left = "all finished" if eta == 0 else f"ETA {duration(eta)} (from measured wall times)"
+    lines = [f'<p class="provisioning">provisioning <strong>{_e(p["config"])}</strong>'
+             f'{" by " + _e(p["owner"]) if p["owner"] else ""} ({_provision_lease(p)})</p>'
+             for p in status.get("provisioning", ())]
+    if "replication" in status:
+        lines.append(f'<p id="replication">{_e(_replication_text(status["replication"]))}</p>')
+    return PAGE.format(
+        database=_e(database), refresh=REFRESH_SECONDS, percent=_percent(totals), finished=f"{finished(totals):,}",
+        total=f"{totals['total']:,}", running=f"{totals['started']:,}", errors=f"{totals['error']:,}",
+        failed=f"{totals['failed']:,}", speed=_e(f"{speed} · {left}"), lines="\n".join(lines),
+        progress=progress_table(status), chart=wall_time_chart(status["configs"]),
+        leases=leases_table(status.get("leases", []), held=totals["started"]),
+        events=events_list(status.get("events", [])),
+        as_of=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)))
+
+
+def _e(value):
+    return html.escape(str(value))
+
+
+def _percent(counts):
+    return f"{100 * finished(counts) / counts['total']:.1f}%" if counts["total"] else "0.0%"
+
+
+def _provision_lease(provision):
+    left = provision["seconds_left"]
+    return "group made" if left is None else (f"lease {left:.0f}s left" if left > 0 else "lease lapsed")
+
+
+def _replication_text(replication):
+    url = replication["replica_url"]
+    if replication.get("error"):
+        return f"replica {url}: {replication['error']}"
+    if replication.get("seconds_since_sync") is None:
+        return f"replica {url}: no backup yet"
+    state = "in sync" if replication["in_sync"] else "behind"
+    return f"replica {url}: {state}; last change shipped {replication['seconds_since_sync']:.0f}s ago"
+
+
+def _count_cells(counts):
+    cells = []
+    for css, field in COUNT_COLUMNS:
+        value = counts["not_started"] + counts["interrupted"] if field is None else counts[field]
+        cells.append(f'<td class="{css}">{value:,}</td>')
+    return "".join(cells)
+
+
+def progress_table(status):
+    configs = status["configs"]
+    shown = visible_configs(configs)
+    rows = []
+    for config in shown:
+        mean = config.get("mean_wall_seconds")
+        done = finished(config) / config["total"] if config["total"] else 0
+        rows.append(
+            f'<tr data-config="{_e(config["name"])}"><td class="name">{_e(config["name"])}</td>'
+            f'<td class="name state state-{_e(config["state"])}">{_e(config["state"])}</td>'
+            f'<td><span class="bar"><span style="width:{100 * done:.1f}%"></span></span></td>'
+            f'<td class="percent">{_percent(config)}</td>{_count_cells(config)}'
+            f'<td class="mean">{"" if mean is None else seconds_text(mean)}</td></tr>')
+    totals = status["totals"]
+    rows.append(f'<tr class="all" id="totals"><td class="name">all</td><td></td><td></td>'
+                f'<td class="percent">{_percent(totals)}</td>{_count_cells(totals)}<td></td></tr>')
+    hidden = hidden_summary(configs, shown)
+    note = f'<p class="muted">{_e(hidden)}</p>' if hidden else ""
+    head = "".join(f"<th>{name}</th>" for name, _ in COUNT_COLUMNS)
+    return (f'<table id="progress"><tr><th class="name">config</th><th class="name">state</th><th>progress</th>'
+            f'<th>%</th>{head}<th>mean s</th></tr>\n' + "\n".join(rows) + "</table>" + note)
+
+
+def leases_table(leases, *, held):
+    if not leases:
+        return '<p class="muted" id="leases">no lease held</p>'
+    more = f" (the {len(leases)} soonest to lapse)" if held > len(leases) else ""
+    rows = "".join(
+        f'<tr><td class="name">{_e(lease["key"])}</td><td class="name">{_e(lease["config"])}</td>'
+        f'<td class="name">{_e(lease["worker"])}</td><td>{lease["attempt"]}</td>'
+        f'<td class="{"lapsed" if lease["seconds_left"] <= 0 else ""}">{lease["seconds_left"]:.0f}</td>'
+        f'<td>{lease["running_seconds"]:.0f}</td></tr>' for lease in leases)
+    return (f'<p>{held:,} held{more}</p><table id="leases"><tr><th class="name">experiment</th>'
+            f'<th class="name">config</th><th class="name">worker</th><th>attempt</th><th>seconds left</th>'
+            f'<th>running s</th></tr>{rows}</table>')
+
+
+def events_list(events):
+    if not events:
+        return '<p class="muted" id="events">nothing yet</p>'
+    items = "".join(f'<li class="kind-{_e(event["kind"])}" data-kind="{_e(event["kind"])}">'
+                    f'<span class="muted">{duration(event["seconds_ago"])} ago</span> {_e(event_text(event))}</li>'
+                    for event in events)
+    return f'<ul class="events" id="events">{items}</ul>'
+
+
+# ---------------------------------------------------------------- the chart
+
+CHART_WIDTH, CHART_HEIGHT = 720, 260
+MARGIN_LEFT, MARGIN_BOTTOM, MARGIN_TOP = 56, 70, 12
+LABELLED_BARS = 40  # more bars than this go without names under them (each keeps a tooltip)
+
+
+def nice_ticks(top, count=5):
+    """Round tick values from 0 to at least `top`: steps of 1, 2 or 5 times a power of ten."""
+    if top <= 0:
+        return [0.0, 1.0]
+    raw = top / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    return [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]
+
+
+def wall_time_chart(configs):
+    """An SVG bar chart of each measured config's mean wall time, in run order."""
+    measured = [c for c in configs if c.get("mean_wall_seconds") is not None]
+    if not measured:
+        return '<p class="muted" id="chart">no wall time measured yet</p>'
+    ticks = nice_ticks(max(c["mean_wall_seconds"] for c in measured))
+    plot_width, plot_height = CHART_WIDTH - MARGIN_LEFT - 8, CHART_HEIGHT - MARGIN_BOTTOM - MARGIN_TOP
+    slot = plot_width / len(measured)
+
+    def y(value):
+        return MARGIN_TOP + plot_height * (1 - value / ticks[-1])
+
+    parts = [f'<line x1="{MARGIN_LEFT}" y1="{y(0):.1f}" x2="{CHART_WIDTH - 8}" y2="{y(0):.1f}" stroke="#999"/>']
+    for tick in ticks:
+        parts.append(f'<text x="{MARGIN_LEFT - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>'
+                     f'<line x1="{MARGIN_LEFT}" y1="{y(tick):.1f}" x2="{CHART_WIDTH - 8}" y2="{y(tick):.1f}" '
+                     f'stroke="#eee"/>')
+    for i, config in enumerate(measured):
+        mean, name = config["mean_wall_seconds"], _e(config["name"])
+        x = MARGIN_LEFT + i * slot + slot * 0.15
+        parts.append(f'<rect class="bar-rect" data-config="{name}" data-mean="{mean:.6g}" x="{x:.1f}" '
+                     f'y="{y(mean):.1f}" width="{slot * 0.7:.1f}" height="{y(0) - y(mean):.1f}">'
+                     f'<title>{name}: {seconds_text(mean)} s mean wall time</title></rect>')
+        if len(measured) <= LABELLED_BARS:
+            cx = x + slot * 0.35
+            parts.append(f'<text x="{cx:.1f}" y="{y(0) + 12:.1f}" text-anchor="end" '
+                         f'transform="rotate(-40 {cx:.1f} {y(0) + 12:.1f})">{name}</text>')
+    parts.append(f'<text x="14" y="{MARGIN_TOP + plot_height / 2:.0f}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {MARGIN_TOP + plot_height / 2:.0f})">seconds</text>')
+    return (f'<svg id="chart" xmlns="http://www.w3.org/2000/svg" width="{CHART_WIDTH}" height="{CHART_HEIGHT}" '
+            f'viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" role="img" aria-label="mean wall time per shape">'
+            + "".join(parts) + "</svg>")

@@ -1,0 +1,166 @@
+"""`sdm-peer bootstrap --provider gce`: start (or resume) a whole run on Compute Engine.
+
+1. build the database locally with `init` (RUNDIR/sdm.db, the token beside it);
+2. push it to the replica with Litestream, unless the replica already holds the run (then the
+   replica is the truth: the database VM restores it);
+3. create the firewall rule (workers' tag -> the server's port, nothing else);
+4. create the database VM (a small machine type, the database cloud-config);
+5. wait until the server answers, or, from outside the VM's network where its address cannot
+   be reached, until its first transaction reaches the replica;
+6. provision: the groups of running configs, and the first group (through the server's
+   provisioning lease when it can be reached; else directly, idempotently, the first worker's
+   claim being the proof its group exists).
+
+Every step is idempotent, so running it again resumes. `--dry-run` prints every Compute Engine
+call instead and changes nothing."""
+
+import logging
+import time
+
+from . import replication
+from . import settings as settings_mod
+from .client import Client
+from .errors import SdmPeerError, ServerUnavailable, SettingsError
+from .providers import check_run, gce
+from .rundir import parse_address, read_token
+from .states import PROVISIONING, RUNNING, WAITING
+from .store import Store, config_name
+
+log = logging.getLogger("sdm_peer.bootstrap")
+
+BOOT_TIMEOUT = 900.0  # seconds for a new database VM to install sdm-peer and serve
+POLL_SECONDS = 2.0
+OWNER = "bootstrap"
+
+
+def run_name_for(path):
+    """A default run name from the run directory's name, if it makes a valid one."""
+    name = "".join(ch if ch.isalnum() else "-" for ch in path.name.lower()).strip("-")[:20].rstrip("-")
+    return name if name[:1].isalpha() else None
+
+
+def dry_run(plan_file, settings, *, echo=print):
+    """Print what bootstrap would do, every Compute Engine call included; write nothing."""
+    from .plan import read_plan
+    from .providers.gce_api import DryRunApi
+
+    plan = read_plan(plan_file)
+    settings = settings_mod.with_defaults(settings)
+    check_run(settings, [(config.cores, config.memory_gb) for config in plan.configs])
+    full = gce.gce_settings(settings)
+    api = DryRunApi(full["project"], full["zone"], echo=echo)
+    echo(f"would write the database: {len(plan.experiments):,} experiments in {len(plan.configs):,} configs")
+    echo(f"would push it to {full['replica_url']} (unless that replica already holds the run)")
+    api.insert_firewall(gce.firewall_body(full))
+    api.insert_instance(gce.db_vm_body(full, "<token>"))
+    echo(f"would wait until the server at {full['server']} answers")
+    first = plan.configs[0]
+    config = {"config": config_name(first.cores, first.memory_gb), "cores": first.cores,
+              "memory_gb": first.memory_gb, "group_size": first.group_size or full["group_size"]}
+    gce.GceProvider(full, "<token>", api=api).create_group(config)
+
+
+def bootstrap(run, *, echo=print, api=None):
+    """Bring a gce run (initialised in `run` by `init`) up; return the run's gce settings."""
+    store = Store(run.db, create=False)
+    settings = gce.gce_settings(store.settings)
+    store.close()
+    token = read_token(run.token_file)
+    if api is None:
+        from .providers.gce_api import ComputeApi
+
+        api = ComputeApi(settings["project"], settings["zone"])
+    replica = settings["replica_url"]
+    if replication.replica_backups(replica):
+        echo(f"{replica} already holds this run's database: not pushed (the database VM restores it)")
+    else:
+        replication.push(run.db, replica)
+        echo(f"pushed {run.db} to {replica}")
+    before_boot = _newest_txid(replica)  # a new server's first write goes past it
+    api.insert_firewall(gce.firewall_body(settings))
+    created = api.insert_instance(gce.db_vm_body(settings, token))
+    echo(f"database VM {gce.db_vm_name(settings)} {'created' if created else 'exists'}; server {settings['server']}")
+    client = Client(parse_address(settings["server"]), token, timeout=10.0, retry_seconds=1.0)
+    try:
+        reachable = wait_until_serving(client, replica, before_boot, echo=echo) if created else _answers(client)
+        provider = gce.GceProvider(settings, token, api=api)
+        if reachable:
+            provision_through_server(client, provider, echo=echo)
+        else:
+            provision_from_replica(replica, provider, echo=echo)
+    finally:
+        client.close()
+    return settings
+
+
+def _answers(client):
+    try:
+        client.call("status")
+        return True
+    except ServerUnavailable:
+        return False
+
+
+def _newest_txid(replica):
+    return max((int(txid, 16) for txid, _ in replication.replica_backups(replica)), default=None)
+
+
+def wait_until_serving(client, replica, before_boot, *, echo=print, timeout=BOOT_TIMEOUT):
+    """Wait for the new database VM: True once its server answers here, False once the
+    replica shows it serving (a transaction past `before_boot`) though we cannot reach it."""
+    echo(f"waiting for the database VM to serve (up to {timeout / 60:.0f} minutes)")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _answers(client):
+            return True
+        if (_newest_txid(replica) or 0) > before_boot:
+            echo(f"the server is running (its first change reached {replica}) but cannot be reached from here")
+            return False
+        time.sleep(max(0.0, min(POLL_SECONDS, deadline - time.monotonic())))
+    raise SdmPeerError(f"the database VM did not serve within {timeout / 60:.0f} minutes",
+                       hint="see its serial console: gcloud compute instances get-serial-port-output VM")
+
+
+def provision_through_server(client, provider, *, echo=print):
+    """As the local bootstrap: the groups of running configs exist, and the first (or a lapsed)
+    provisioning lease is taken, its group created and reported."""
+    for config in client.call("status")["configs"]:
+        if config["state"] == RUNNING:
+            provider.create_group({**config, "config": config["name"]})
+    provision = client.call("acquire_provisioning", owner=OWNER)["provision"]
+    if provision is not None:
+        provider.create_group(provision)
+        client.call("provisioned", provision_token=provision["provision_token"], worker_id=OWNER)
+        echo(f"provisioned the group of {provision['config']}")
+
+
+def provision_from_replica(replica, provider, *, echo=print):
+    """Without a reachable server: the run's state from its replica; every running or
+    provisioning config's group made sure of, or else the first waiting config's created."""
+    configs = replication.status_from_replica(replica)["configs"]
+    wanted = [config for config in configs if config["state"] in (RUNNING, PROVISIONING)]
+    if not wanted:
+        wanted = [config for config in configs if config["state"] == WAITING][:1]
+    for config in wanted:
+        provider.create_group({**config, "config": config["name"]})
+        echo(f"made sure the group of {config['name']} exists")
+
+
+def run_settings(run_path, settings, bucket=None):
+    """The settings a gce bootstrap stores: run_name defaults to the run directory's name and
+    replica_url to gs://BUCKET/RUN_NAME; those already stored in RUNDIR/sdm.db count."""
+    stored = {}
+    if (run_path / "sdm.db").exists():
+        store = Store(run_path / "sdm.db", create=False)
+        stored = store.settings
+        store.close()
+    settings = dict(settings)
+    run_name = settings.get("run_name") or stored.get("run_name") or run_name_for(run_path)
+    if run_name and not stored.get("run_name"):
+        settings.setdefault("run_name", run_name)
+    if bucket:
+        settings.setdefault("replica_url", f"gs://{bucket}/{run_name or 'sdm-peer'}")
+    if not (settings.get("replica_url") or stored.get("replica_url")):
+        raise SettingsError("a gce run needs --bucket (or --set replica_url=gs://BUCKET/PATH)",
+                            hint="the database VM restores the run from that replica")
+    return settings_mod.validate(settings)

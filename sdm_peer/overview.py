@@ -1,0 +1,109 @@
+"""The run as a person watching it needs to see it: `status --json`'s object (DESIGN §5) plus
+the live leases, the group being provisioned, recent events, throughput, an ETA from measured
+wall times and, when the run replicates, the replica's lag.
+
+One object for `status` (terminal and --json), the server's `status` op and the dashboard, so
+the three never disagree. Times are seconds left or seconds ago, never clock values."""
+
+import statistics
+
+LEASES_SHOWN = 20
+EVENTS_SHOWN = 20
+THROUGHPUT_WINDOW = 300.0  # seconds of DONE attempts the throughput is measured over
+
+
+def finished(counts):
+    return counts["done"] + counts["failed"] + counts["legacy"]
+
+
+def overview(store, *, now, with_replication=True):
+    """The status object with the live fields added (none of the contract's removed).
+
+    `with_replication=False` skips asking Litestream (a subprocess): the server's database
+    thread must not wait on it."""
+    status = store.status(now=now)
+    timings = store.timings(now=now, window=THROUGHPUT_WINDOW)
+    for config in status["configs"]:
+        measured = timings["configs"].get(config["name"])
+        config["mean_wall_seconds"] = measured["mean_wall_seconds"] if measured else None
+    window = timings["window_seconds"]
+    status.update(
+        leases=store.leases(now=now, limit=LEASES_SHOWN),
+        provisioning=store.provisioning(now=now),
+        events=store.recent_events(now=now, limit=EVENTS_SHOWN),
+        throughput={"done": timings["recent_done"], "window_seconds": round(window, 1),
+                    "per_minute": round(60 * timings["recent_done"] / window, 2) if window > 0 else None},
+        eta_seconds=eta_seconds(status["configs"]),
+    )
+    if with_replication and store.settings.get("replica_url"):
+        status["replication"] = replication_of(store)
+    return status
+
+
+def eta_seconds(configs):
+    """Seconds until every config is finished, from measured mean wall times.
+
+    Configs run one group after another, each group's workers in parallel; a config with no
+    measurement yet borrows the mean of those that have one. With workers started by hand
+    several configs may run at once, so this is then an upper bound. None before the first
+    measurement."""
+    remaining = [(config, config["total"] - finished(config)) for config in configs]
+    if not any(left for _, left in remaining):
+        return 0.0
+    measured = [config["mean_wall_seconds"] for config in configs if config["mean_wall_seconds"] is not None]
+    if not measured:
+        return None
+    fallback = statistics.fmean(measured)
+    seconds = sum(left * (fallback if config["mean_wall_seconds"] is None else config["mean_wall_seconds"])
+                  / config["group_size"] for config, left in remaining if left)
+    return round(seconds, 1)
+
+
+def replication_of(store):
+    """How far the replica is behind (asks Litestream); an error is shown, never raised."""
+    from .replication import ReplicationError, status as replication_status
+
+    replica_url = store.settings["replica_url"]
+    try:
+        return replication_status(store.path, replica_url)
+    except ReplicationError as exc:
+        return {"replica_url": replica_url, "error": str(exc)}
+
+
+def event_text(event):
+    """One event of the feed in plain words, without its time."""
+    kind, config, worker, detail = event["kind"], event["config"], event["worker"], event["detail"]
+    by = f" by {worker}" if worker else ""
+    if event["key"] is not None:  # an attempt that did not end DONE
+        what = {"error": "failed", "interrupted": "was interrupted", "expired": "lease expired",
+                "lost": "reported after its lease was taken back"}.get(kind, kind)
+        exit_code = f" (exit {detail['exit_code']})" if detail.get("exit_code") not in (None, 0) else ""
+        error = f": {detail['error']}" if kind == "error" and detail.get("error") else ""
+        return f"{event['key']} ({config}) {what}{exit_code} on {worker}{error}"
+    if kind == "handoff":
+        source = f" after {detail['from']}" if detail.get("from") else ""
+        return f"hand-off: {config} to be provisioned{source}{by}"
+    words = {"config_running": f"{config} running{by}", "config_done": f"{config} done{by}",
+             "group_provisioned": f"group {config} provisioned{by}", "group_deleted": f"group {config} removed{by}",
+             "provision_takeover": f"provisioning of {config} taken over{by}",
+             "config_reopened": f"{config} reopened by a new plan",
+             "server_started": f"server started ({detail.get('leases_extended', 0)} leases extended)"}
+    return words.get(kind, f"{kind} {config or ''}{by}".strip())
+
+
+def seconds_text(value):
+    """Three significant figures, whole seconds from 100 on: 0.000423, 0.796, 2.50, 12.0, 1,234."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:#.3g}"
+
+
+def duration(seconds):
+    """Seconds in the largest units that matter: 42s, 7m05s, 3h12m, 2d04h."""
+    if seconds is None:
+        return "unknown"
+    if 0 < seconds < 0.5:
+        return "<1s"
+    seconds = max(0, round(seconds))
+    for unit, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}{(seconds % size) // small_size:02d}{small}"
+    return f"{seconds}s"

@@ -1,0 +1,222 @@
+"""The gce provider (DESIGN §6): a config's group is a zonal managed instance group of spot VMs
+made from one instance template per config.
+
+This module decides what to create: names, labels, machine types and the request bodies (the
+Compute Engine REST JSON), all from the run's settings. gce_api.py talks to Compute Engine.
+The managed group re-creates preempted VMs; sdm-peer never babysits VMs."""
+
+import logging
+
+from .. import cloudinit
+from .. import metadata as md
+from ..errors import BadInput, ProviderError, SettingsError
+from . import config_name
+from .machine_types import UnservableShape, custom_machine_type
+
+log = logging.getLogger("sdm_peer.gce")
+
+ENDPOINT_ENV = "SDM_GCE_API_ENDPOINT"  # set: plain HTTP to this host:port, anonymous credentials
+REQUIRED = ("project", "zone", "run_name")
+DEFAULTS = {
+    "network": "default",
+    "image": "projects/debian-cloud/global/images/family/debian-12",
+    "disk_gb": 20,
+    "spot": True,
+    "service_account": "default",
+}
+SERVER_PORT = 7787
+DB_MACHINE_TYPE = "e2-small"  # 2 shared vCPUs, 2 GB: the server is one SQLite writer
+SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]  # access is governed by IAM roles
+
+
+def _package_spec():
+    from .. import __version__
+
+    return f"sdm-peer[gce]=={__version__}"
+
+
+def gce_settings(settings):
+    """The run's settings with the gce defaults, refused if a required one is missing."""
+    missing = [key for key in REQUIRED if not settings.get(key)]
+    if missing:
+        raise SettingsError(f"provider gce needs the settings {', '.join(missing)}",
+                            hint="--set " + " --set ".join(f"{key}=..." for key in missing))
+    full = {**DEFAULTS, "sdm_peer_spec": _package_spec(), **settings}
+    full.setdefault("server", f"{db_vm_name(full)}.{full['zone']}.c.{full['project']}.internal:{SERVER_PORT}")
+    return full
+
+
+def check_run(settings, shapes):
+    """Refuse, before anything is written, a gce run that could not be provisioned: missing
+    settings, or a config shape no machine family serves (with the reason)."""
+    settings = gce_settings(settings)
+    refused = []
+    for cores, memory_gb in sorted(set(shapes)):
+        try:
+            custom_machine_type(cores, memory_gb, settings.get("machine_family"))
+        except UnservableShape as exc:
+            refused.append(str(exc))
+    if refused:
+        more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
+        family = f" in family {settings['machine_family']}" if settings.get("machine_family") else ""
+        raise BadInput(f"{len(refused)} config shape(s) cannot be served{family} on Compute Engine: "
+                       + " | ".join(refused[:3]) + more,
+                       hint="change those rows' cores/memory_gb in the plan, or the machine_family setting")
+
+
+# ---------------------------------------------------------------- names
+
+def slug(text):
+    """A config name as part of a resource name or label value: c2-m3.75 -> c2-m3p75."""
+    return "".join(ch if ch.isalnum() or ch == "-" else "p" if ch == "." else "-" for ch in text.lower())
+
+
+def group_name(settings, config):
+    """The name of a config's instance template and of its managed instance group."""
+    return f"sdm-{settings['run_name']}-{slug(config)}"
+
+
+def db_vm_name(settings):
+    return f"sdm-{settings['run_name']}-db"
+
+
+def worker_tag(settings):
+    return f"sdm-{settings['run_name']}-worker"
+
+
+def firewall_name(settings):
+    return f"sdm-{settings['run_name']}-workers-to-db"
+
+
+def server_port(settings):
+    return int(settings["server"].rpartition(":")[2])
+
+
+def _network(settings):
+    network = settings["network"]
+    return network if "/" in network else f"global/networks/{network}"
+
+
+def _labels(settings, config=None):
+    labels = {"sdm-run": settings["run_name"]}
+    if config:
+        labels["sdm-config"] = slug(config)
+    return labels
+
+
+def _metadata(items):
+    return {"items": [{"key": key, "value": str(value)} for key, value in items.items()]}
+
+
+def _boot_disk(settings):
+    return {"boot": True, "autoDelete": True, "type": "PERSISTENT",
+            "initializeParams": {"sourceImage": settings["image"], "diskSizeGb": settings["disk_gb"],
+                                 "diskType": "pd-balanced"}}
+
+
+def _network_interface(settings):
+    # An external address lets a VM reach the package index and the code's git host.
+    return {"network": _network(settings), "accessConfigs": [{"type": "ONE_TO_ONE_NAT", "name": "External NAT"}]}
+
+
+def _scheduling(settings):
+    if settings["spot"]:
+        # A spot VM that is preempted is deleted; the managed group creates a fresh one.
+        return {"provisioningModel": "SPOT", "instanceTerminationAction": "DELETE", "automaticRestart": False,
+                "onHostMaintenance": "TERMINATE"}
+    return {"provisioningModel": "STANDARD", "automaticRestart": True, "onHostMaintenance": "MIGRATE"}
+
+
+# ---------------------------------------------------------------- request bodies
+
+def template_body(settings, config, token):
+    name = config_name(config)
+    return {
+        "name": group_name(settings, name),
+        "description": f"sdm-peer run {settings['run_name']}: workers of config {name}",
+        "properties": {
+            "machineType": custom_machine_type(config["cores"], config["memory_gb"], settings.get("machine_family")),
+            "labels": _labels(settings, name),
+            "tags": {"items": [worker_tag(settings)]},
+            "scheduling": _scheduling(settings),
+            "disks": [_boot_disk(settings)],
+            "networkInterfaces": [_network_interface(settings)],
+            "serviceAccounts": [{"email": settings["service_account"], "scopes": SCOPES}],
+            "metadata": _metadata({
+                "user-data": cloudinit.render_worker(settings),
+                "shutdown-script": cloudinit.shutdown_script(),
+                md.SERVER_KEY: settings["server"],
+                md.TOKEN_KEY: token,
+                md.RUN_KEY: settings["run_name"],
+                md.CONFIG_KEY: name,
+                md.CORES_KEY: config["cores"],
+                md.MEMORY_KEY: config["memory_gb"],
+            }),
+        },
+    }
+
+
+def group_body(settings, config):
+    name = group_name(settings, config_name(config))
+    return {"name": name, "baseInstanceName": name, "targetSize": config["group_size"],
+            "instanceTemplate": f"projects/{settings['project']}/global/instanceTemplates/{name}",
+            "description": f"sdm-peer run {settings['run_name']}: workers of config {config_name(config)}"}
+
+
+def db_vm_body(settings, token):
+    return {
+        "name": db_vm_name(settings),
+        "description": f"sdm-peer run {settings['run_name']}: the database server",
+        "machineType": f"zones/{settings['zone']}/machineTypes/{DB_MACHINE_TYPE}",
+        "labels": _labels(settings),
+        "tags": {"items": [db_vm_name(settings)]},
+        "scheduling": _scheduling({"spot": False}),  # never preempted: it holds the study
+        "disks": [_boot_disk(settings)],
+        "networkInterfaces": [_network_interface(settings)],
+        "serviceAccounts": [{"email": settings["service_account"], "scopes": SCOPES}],
+        "metadata": _metadata({"user-data": cloudinit.render_db(settings, token, server_port(settings))}),
+    }
+
+
+def firewall_body(settings):
+    """Workers (by their network tag) may reach the server's port on the database VM; nothing else."""
+    return {"name": firewall_name(settings), "network": _network(settings), "direction": "INGRESS",
+            "priority": 1000, "sourceTags": [worker_tag(settings)], "targetTags": [db_vm_name(settings)],
+            "allowed": [{"IPProtocol": "tcp", "ports": [str(server_port(settings))]}],
+            "description": f"sdm-peer run {settings['run_name']}: workers to the database server"}
+
+
+# ---------------------------------------------------------------- the provider
+
+class GceProvider:
+    def __init__(self, settings, token, api=None):
+        """`settings`: the run's; `token`: what workers present to the server; `api`: a
+        gce_api.ComputeApi (default: for the run's project and zone, SDM_GCE_API_ENDPOINT honoured)."""
+        self.settings = gce_settings(settings)
+        self.token = token
+        if api is None:
+            from .gce_api import ComputeApi
+
+            api = ComputeApi(self.settings["project"], self.settings["zone"])
+        self.api = api
+
+    def create_group(self, config):
+        """The config's template, then its managed instance group of `group_size` VMs; both
+        kept if they exist (idempotent)."""
+        name = group_name(self.settings, config_name(config))
+        try:
+            template = template_body(self.settings, config, self.token)
+        except UnservableShape as exc:  # `init` refuses such shapes; a database edited since may not
+            raise ProviderError(f"config {config_name(config)} cannot be served on Compute Engine: {exc}") from None
+        self.api.insert_template(template)
+        self.api.insert_group(group_body(self.settings, config))
+        log.info("group %s of config %s: %s VMs", name, config_name(config), config["group_size"])
+        return name
+
+    def delete_group(self, config):
+        """The managed group (its VMs go with it), then the template it used; a missing one is
+        fine (idempotent). The template can only go once no group uses it."""
+        name = group_name(self.settings, config_name(config))
+        self.api.delete_group(name)
+        self.api.delete_template(name)
+        log.info("group %s of config %s deleted", name, config_name(config))

@@ -1,0 +1,289 @@
+"""Talking to Compute Engine through google-cloud-compute (DESIGN §6).
+
+Every change is an `*_unary` call followed by our own wait on its operation through a
+Zone/GlobalOperationsClient built with the same endpoint and credentials: an ExtendedOperation's
+`.result()` polls through a client that ignores client_options, which would leave a test's fake
+endpoint for the real one. Create and delete are idempotent (409 on create and 404 on delete
+are success); 429, 5xx and rate-limit refusals are retried with backoff; quota and permission
+refusals become one ProviderError naming the quota or the role."""
+
+import json
+import logging
+import os
+import re
+import time
+
+import tenacity
+
+from ..errors import ProviderError
+from .gce import ENDPOINT_ENV
+
+log = logging.getLogger("sdm_peer.gce")
+
+RETRY_SECONDS = 300.0  # how long a transient refusal is retried before it is an error
+RETRY_MAX_WAIT = 30.0
+OPERATION_TIMEOUT = 900.0  # a managed group of large VMs can take minutes
+TRANSIENT_REASONS = {"rateLimitExceeded", "userRateLimitExceeded"}  # a 403 that is worth waiting out
+QUOTA_CODES = {"QUOTA_EXCEEDED", "quotaExceeded", "ZONE_RESOURCE_POOL_EXHAUSTED"}
+
+# The predefined role that carries a missing permission, by the permission's resource type.
+ROLE_FOR = {
+    "compute.firewalls": "roles/compute.securityAdmin",
+    "iam.serviceAccounts": "roles/iam.serviceAccountUser",
+}
+DEFAULT_ROLE = "roles/compute.instanceAdmin.v1"
+
+
+class ComputeApi:
+    """The few Compute Engine calls sdm-peer makes, for one project and zone."""
+
+    def __init__(self, project, zone, *, endpoint=None, retry_seconds=RETRY_SECONDS, retry_wait=(1.0, RETRY_MAX_WAIT)):
+        try:
+            from google.cloud import compute_v1
+        except ImportError:
+            raise ProviderError("the gce provider needs google-cloud-compute",
+                                hint="pip install 'sdm-peer[gce]'") from None
+        self.project, self.zone = project, zone
+        self.retry_seconds, self.retry_wait = retry_seconds, retry_wait
+        self.compute = compute_v1
+        options = self._client_options(endpoint or os.environ.get(ENDPOINT_ENV))
+        try:
+            self.templates = compute_v1.InstanceTemplatesClient(**options)
+            self.groups = compute_v1.InstanceGroupManagersClient(**options)
+            self.instances = compute_v1.InstancesClient(**options)
+            self.firewalls = compute_v1.FirewallsClient(**options)
+            self.zone_operations = compute_v1.ZoneOperationsClient(**options)
+            self.global_operations = compute_v1.GlobalOperationsClient(**options)
+        except Exception as exc:  # google.auth's DefaultCredentialsError and kin
+            raise ProviderError(f"cannot use Compute Engine: {exc}",
+                                hint="run `gcloud auth application-default login`") from None
+
+    @staticmethod
+    def _client_options(endpoint):
+        if not endpoint:
+            return {}  # the default endpoint, Application Default Credentials
+        from google.auth.credentials import AnonymousCredentials
+
+        url = endpoint if "://" in endpoint else f"http://{endpoint}"
+        return {"credentials": AnonymousCredentials(), "client_options": {"api_endpoint": url}}
+
+    # ------------------------------------------------------------ the calls
+
+    def insert_template(self, body):
+        return self._insert("instance template", body["name"], self.templates.insert_unary,
+                            instance_template_resource=self.compute.InstanceTemplate.from_json(json.dumps(body)))
+
+    def delete_template(self, name):
+        return self._delete("instance template", name, self.templates.delete_unary, instance_template=name)
+
+    def insert_group(self, body):
+        return self._insert("managed instance group", body["name"], self.groups.insert_unary, zone=self.zone,
+                            instance_group_manager_resource=self.compute.InstanceGroupManager.from_json(
+                                json.dumps(body)))
+
+    def delete_group(self, name):
+        return self._delete("managed instance group", name, self.groups.delete_unary, zone=self.zone,
+                            instance_group_manager=name)
+
+    def insert_instance(self, body):
+        return self._insert("VM", body["name"], self.instances.insert_unary, zone=self.zone,
+                            instance_resource=self.compute.Instance.from_json(json.dumps(body)))
+
+    def delete_instance(self, name):
+        return self._delete("VM", name, self.instances.delete_unary, zone=self.zone, instance=name)
+
+    def insert_firewall(self, body):
+        return self._insert("firewall rule", body["name"], self.firewalls.insert_unary,
+                            firewall_resource=self.compute.Firewall.from_json(json.dumps(body)))
+
+    def delete_firewall(self, name):
+        return self._delete("firewall rule", name, self.firewalls.delete_unary, firewall=name)
+
+    # ------------------------------------------------------------ insert, delete, wait
+
+    def _insert(self, kind, name, method, **request):
+        """Create; True if created, False if it existed already."""
+        from google.api_core import exceptions
+
+        what = f"creating {kind} {name}"
+        try:
+            operation = self._retrying(what, method, project=self.project, **request)
+        except exceptions.Conflict:
+            log.info("%s %s exists already", kind, name)
+            return False
+        except exceptions.GoogleAPICallError as exc:
+            raise provider_error(exc, what) from None
+        return self._wait(operation, what, tolerated="RESOURCE_ALREADY_EXISTS")
+
+    def _delete(self, kind, name, method, **request):
+        """Delete; True if deleted, False if there was nothing to delete."""
+        from google.api_core import exceptions
+
+        what = f"deleting {kind} {name}"
+        try:
+            operation = self._retrying(what, method, project=self.project, **request)
+        except exceptions.NotFound:
+            log.info("%s %s does not exist", kind, name)
+            return False
+        except exceptions.GoogleAPICallError as exc:
+            raise provider_error(exc, what) from None
+        return self._wait(operation, what, tolerated="RESOURCE_NOT_FOUND")
+
+    def _wait(self, operation, what, *, tolerated):
+        """Wait for an operation through our own operations clients (same endpoint); True if it
+        did its work, False if it found the tolerated condition (exists / already gone)."""
+        from google.api_core import exceptions
+
+        done = self.compute.Operation.Status.DONE
+        deadline = time.monotonic() + OPERATION_TIMEOUT
+        while operation.status != done:
+            if time.monotonic() > deadline:
+                raise ProviderError(f"{what}: operation {operation.name} not done after {OPERATION_TIMEOUT:.0f}s")
+            try:
+                if operation.zone:
+                    operation = self._retrying(what, self.zone_operations.wait, project=self.project,
+                                               zone=operation.zone.rpartition("/")[2], operation=operation.name)
+                else:
+                    operation = self._retrying(what, self.global_operations.wait, project=self.project,
+                                               operation=operation.name)
+            except exceptions.GoogleAPICallError as exc:
+                raise provider_error(exc, what) from None
+        errors = [{"code": error.code, "message": error.message} for error in operation.error.errors]
+        if errors and all(error["code"] == tolerated for error in errors):
+            return False
+        if errors:
+            raise operation_error(errors, what)
+        return True
+
+    def _retrying(self, what, method, **request):
+        from google.auth.exceptions import GoogleAuthError
+
+        first, longest = self.retry_wait
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_transient), reraise=True,
+            wait=tenacity.wait_random_exponential(multiplier=first, max=longest),
+            stop=tenacity.stop_after_delay(self.retry_seconds),
+            before_sleep=lambda state: log.warning("%s: %s; retrying", what, state.outcome.exception()))
+        try:
+            return retrying(method, **request)
+        except GoogleAuthError as exc:  # no token for the credentials (on a VM: from the metadata server)
+            raise ProviderError(f"{what}: cannot authenticate ({exc})",
+                                hint="run `gcloud auth application-default login`, or check the VM's "
+                                     "service account") from None
+
+
+class DryRunApi:
+    """Prints every call ComputeApi would make, changes nothing, needs no credentials."""
+
+    def __init__(self, project, zone, echo=print):
+        self.project, self.zone, self.echo = project, zone, echo
+
+    def _show(self, verb, path, body=None):
+        line = f"{verb} /compute/v1/projects/{self.project}/{path}"
+        self.echo(line + (" " + json.dumps(redacted(body), sort_keys=True) if body is not None else ""))
+        return True
+
+    def insert_template(self, body):
+        return self._show("POST", "global/instanceTemplates", body)
+
+    def delete_template(self, name):
+        return self._show("DELETE", f"global/instanceTemplates/{name}")
+
+    def insert_group(self, body):
+        return self._show("POST", f"zones/{self.zone}/instanceGroupManagers", body)
+
+    def delete_group(self, name):
+        return self._show("DELETE", f"zones/{self.zone}/instanceGroupManagers/{name}")
+
+    def insert_instance(self, body):
+        return self._show("POST", f"zones/{self.zone}/instances", body)
+
+    def delete_instance(self, name):
+        return self._show("DELETE", f"zones/{self.zone}/instances/{name}")
+
+    def insert_firewall(self, body):
+        return self._show("POST", "global/firewalls", body)
+
+    def delete_firewall(self, name):
+        return self._show("DELETE", f"global/firewalls/{name}")
+
+
+def redacted(body):
+    """A request body fit to print: the token hidden, cloud-configs and scripts summarised."""
+    if isinstance(body, dict):
+        if "key" in body and "value" in body:
+            value = body["value"]
+            if body["key"] == "sdm-token":
+                value = "<token>"
+            elif "\n" in value:
+                value = f"<{body['key']}: {value.count(chr(10))} lines>"
+            return {**body, "value": value}
+        return {key: redacted(value) for key, value in body.items()}
+    if isinstance(body, list):
+        return [redacted(item) for item in body]
+    return body
+
+
+# ---------------------------------------------------------------- errors
+
+def _reasons(exc):
+    return {error.get("reason") for error in getattr(exc, "errors", None) or [] if isinstance(error, dict)}
+
+
+def is_transient(exc):
+    """Worth retrying: throttling, server errors, a connection that failed."""
+    from google.api_core import exceptions
+    from google.auth.exceptions import TransportError
+    from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
+
+    if isinstance(exc, (exceptions.TooManyRequests, exceptions.ServerError, TransportError, RequestsConnectionError,
+                        Timeout)):
+        return True
+    return isinstance(exc, exceptions.Forbidden) and bool(_reasons(exc) & TRANSIENT_REASONS)
+
+
+def _quota_error(message, what):
+    quota = re.search(r"Quota '([^']+)'", message)
+    named = f"quota {quota.group(1)}" if quota else "a quota"
+    return ProviderError(f"{what}: {named} exceeded ({message})",
+                         hint="raise it under IAM & Admin > Quotas (or use smaller groups), "
+                              "then `sdm-peer group up CONFIG`")
+
+
+def _permission_error(message, what):
+    permission = re.search(r"'?\b((?:compute|iam|storage)\.[A-Za-z]+\.[A-Za-z]+)\b", message)
+    if permission is None:
+        return ProviderError(f"{what}: permission denied ({message})",
+                             hint=f"grant the account {DEFAULT_ROLE} on the project")
+    name = permission.group(1)
+    role = ROLE_FOR.get(name.rsplit(".", 1)[0], DEFAULT_ROLE)
+    return ProviderError(f"{what}: permission {name} denied; the account needs the role {role}",
+                         hint=f"gcloud projects add-iam-policy-binding PROJECT --member=ACCOUNT --role={role}")
+
+
+def provider_error(exc, what):
+    """One clear ProviderError for a refusal of a Compute Engine call."""
+    from google.api_core import exceptions
+
+    # The client puts "METHOD URL: " before Compute Engine's own message.
+    message = re.sub(r"^[A-Z]+ \S+: ", "", getattr(exc, "message", None) or str(exc))
+    if _reasons(exc) & QUOTA_CODES or "Quota '" in message:
+        return _quota_error(message, what)
+    if isinstance(exc, exceptions.Forbidden):
+        return _permission_error(message, what)
+    if isinstance(exc, exceptions.Unauthorized):
+        return ProviderError(f"{what}: not authenticated ({message})",
+                             hint="run `gcloud auth application-default login`")
+    if is_transient(exc):
+        return ProviderError(f"{what}: Compute Engine still refused after retrying for a while ({message})")
+    return ProviderError(f"{what}: {message}")
+
+
+def operation_error(errors, what):
+    """A ProviderError for an operation that finished with errors."""
+    for error in errors:
+        if error["code"] in QUOTA_CODES:
+            return _quota_error(error["message"], what)
+        if error["code"] in ("PERMISSION_DENIED", "FORBIDDEN"):
+            return _permission_error(error["message"], what)
+    return ProviderError(f"{what}: " + "; ".join(f"{error['code']}: {error['message']}" for error in errors))
