@@ -91,18 +91,26 @@ def bootstrap(run, *, lease_seconds=None, owner="bootstrap"):
     client = server_client(run, retry_seconds=10.0)
     try:
         provider = provider_for(settings, run.path)
-        if provider is None:
-            return info
-        for config in client.call("status")["configs"]:
-            if config["state"] == RUNNING:
-                provider.create_group({**config, "config": config["name"]})
-        provision = client.call("acquire_provisioning", owner=owner)["provision"]
-        if provision is not None:
-            provider.create_group(provision)
-            client.call("provisioned", provision_token=provision["provision_token"], worker_id=owner)
+        if provider is not None:
+            provision_groups(client, provider, owner=owner)
         return info
     finally:
         client.close()
+
+
+def provision_groups(client, provider, *, owner="bootstrap", echo=None):
+    """Make sure the groups of running configs exist (creating is idempotent: after a reboot this
+    restarts them), then take the first (or a lapsed) provisioning lease, create its group and
+    report it."""
+    for config in client.call("status")["configs"]:
+        if config["state"] == RUNNING:
+            provider.create_group({**config, "config": config["name"]})
+    provision = client.call("acquire_provisioning", owner=owner)["provision"]
+    if provision is not None:
+        provider.create_group(provision)
+        client.call("provisioned", provision_token=provision["provision_token"], worker_id=owner)
+        if echo:
+            echo(f"provisioned the group of {provision['config']}")
 
 
 def stop(run):

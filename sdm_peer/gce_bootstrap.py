@@ -19,6 +19,7 @@ import time
 
 from . import replication
 from . import settings as settings_mod
+from .bootstrap import provision_groups
 from .client import Client
 from .errors import SdmPeerError, ServerUnavailable, SettingsError
 from .providers import check_run, gce
@@ -85,7 +86,7 @@ def bootstrap(run, *, echo=print, api=None):
         reachable = wait_until_serving(client, replica, before_boot, echo=echo) if created else _answers(client)
         provider = gce.GceProvider(settings, token, api=api)
         if reachable:
-            provision_through_server(client, provider, echo=echo)
+            provision_groups(client, provider, owner=OWNER, echo=echo)
         else:
             provision_from_replica(replica, provider, echo=echo)
     finally:
@@ -119,19 +120,6 @@ def wait_until_serving(client, replica, before_boot, *, echo=print, timeout=BOOT
         time.sleep(max(0.0, min(POLL_SECONDS, deadline - time.monotonic())))
     raise SdmPeerError(f"the database VM did not serve within {timeout / 60:.0f} minutes",
                        hint="see its serial console: gcloud compute instances get-serial-port-output VM")
-
-
-def provision_through_server(client, provider, *, echo=print):
-    """As the local bootstrap: the groups of running configs exist, and the first (or a lapsed)
-    provisioning lease is taken, its group created and reported."""
-    for config in client.call("status")["configs"]:
-        if config["state"] == RUNNING:
-            provider.create_group({**config, "config": config["name"]})
-    provision = client.call("acquire_provisioning", owner=OWNER)["provision"]
-    if provision is not None:
-        provider.create_group(provision)
-        client.call("provisioned", provision_token=provision["provision_token"], worker_id=OWNER)
-        echo(f"provisioned the group of {provision['config']}")
 
 
 def provision_from_replica(replica, provider, *, echo=print):

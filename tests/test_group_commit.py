@@ -1,0 +1,99 @@
+"""Group commit in the server: concurrent requests share one transaction, yet each gets its own
+answer, none before the commit, and a failed commit fails every request of its batch."""
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from sdm_peer.errors import LeaseLost, SdmPeerError
+from sdm_peer.server import Server
+
+from .conftest import grid
+from .test_server import make_run
+
+SHAPE = {"cores": 2, "memory_gb": 4}
+
+
+async def started(server):
+    await server._on_db(server._open)
+    return server
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(tmp_path):
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 60))
+
+    async def scenario():
+        server = await started(Server(db, token, lease_seconds=30))
+        batches = []
+        run_batch = server._run_batch
+        server._run_batch = lambda requests: batches.append(len(requests)) or run_batch(requests)
+        claims = await asyncio.gather(*(server._execute("claim", {"worker_id": f"w{i}", **SHAPE})
+                                        for i in range(60)))
+        # A stale token among the reports: its own answer is a refusal, the others' are not.
+        reports = [server._execute("complete", {"lease_token": c["experiment"]["lease_token"],
+                                                "result": {"by": f"w{i}"}, "wall_seconds": 1.0})
+                   for i, c in enumerate(claims)]
+        reports.insert(30, server._execute("renew", {"lease_token": "stale"}))
+        outcomes = await asyncio.gather(*reports, return_exceptions=True)
+        await server._on_db(server._close_store)
+        return batches, claims, outcomes
+
+    batches, claims, outcomes = asyncio.run(scenario())
+    assert max(batches) > 1  # requests really were committed together
+    assert len({c["experiment"]["key"] for c in claims}) == 60
+    assert isinstance(outcomes.pop(30), LeaseLost)
+    assert [o["status"] for o in outcomes] == ["DONE"] * 60
+    assert outcomes[-1]["config_done"] is True and sum(o["config_done"] for o in outcomes) == 1
+    with sqlite3.connect(db) as conn:
+        rows = dict(conn.execute("SELECT a.worker, e.result FROM attempts a JOIN experiments e ON e.id = a.experiment"))
+    assert rows == {f"w{i}": f'{{"by": "w{i}"}}' for i in range(60)}  # nobody got another's answer
+
+
+class FailingCommit:
+    """A connection whose COMMIT fails (as a full disk would make it)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_a_failed_commit_answers_every_request_of_the_batch_with_an_error(tmp_path):
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 10))
+
+    async def scenario():
+        server = await started(Server(db, token, lease_seconds=30))
+        real = server._store.conn
+        server._store.conn = FailingCommit(real)
+        outcomes = await asyncio.gather(*(server._execute("claim", {"worker_id": f"w{i}", **SHAPE})
+                                          for i in range(10)), return_exceptions=True)
+        server._store.conn = real
+        after = await server._execute("status", {})
+        await server._on_db(server._close_store)
+        return outcomes, after
+
+    outcomes, after = asyncio.run(scenario())
+    assert all(isinstance(o, SdmPeerError) and o.code == "INTERNAL" for o in outcomes), outcomes
+    assert after["totals"]["started"] == 0 and after["totals"]["not_started"] == 10
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("durable, expected", [(False, 1), (True, 2)])
+def test_durable_mode_sets_synchronous_full(tmp_path, durable, expected):
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 1))
+
+    async def scenario():
+        server = await started(Server(db, token, durable=durable))
+        level = await server._on_db(lambda: server._store.conn.execute("PRAGMA synchronous").fetchone()[0])
+        await server._on_db(server._close_store)
+        return level
+
+    assert asyncio.run(scenario()) == expected
