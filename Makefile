@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test clean
+.PHONY: demo test bench chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,23 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The bench-only dependencies (the peers it measures against, psutil): setup.cfg's `bench` extra.
+$(BENCH_STAMP): $(STAMP) setup.cfg
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+# Quick mode (under 3 minutes on 2 cores); `make bench FULL=1` for the long one.
+# Prints a markdown table and writes bench/results.json.
+bench: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python bench/run.py $(if $(filter-out 0 no false,$(FULL)),--full)
+
+# The long chaos run (tests/chaos.py): faults for DURATION seconds, then its invariants and figures.
+# SEED defaults to a new one, printed; `make chaos SEED=7 DURATION=600` repeats a schedule.
+DURATION ?= 300
+SEED ?=
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos --duration $(DURATION) $(if $(SEED),--seed $(SEED))
 
 clean:
 	rm -rf $(VENV) sdm-demo .pytest_cache *.egg-info

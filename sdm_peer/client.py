@@ -7,6 +7,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 
 import tenacity
 
@@ -18,6 +19,7 @@ log = logging.getLogger("sdm_peer.client")
 
 CALL_TIMEOUT = 30.0  # seconds for one request/response
 MAX_BACKOFF = 10.0  # seconds between reconnection attempts, at most
+MIN_CALL_SECONDS = 0.5  # the least time one exchange is given, however close its deadline
 
 
 class TransportError(Exception):
@@ -72,16 +74,17 @@ class Client:
         Transport failures are retried for `retry_seconds` (default: the client's), then
         ServerUnavailable is raised."""
         limit = self.retry_seconds if retry_seconds is ... else retry_seconds
+        deadline = None if limit is None else time.monotonic() + max(limit, MIN_CALL_SECONDS)
         try:
-            response = self._exchange(op, args)  # the common case, without building a retry loop
+            response = self._exchange(op, args, deadline)  # the common case, without a retry loop
         except TransportError:
-            response = self._retried(op, args, limit)
+            response = self._retried(op, args, limit, deadline)
         if response["ok"]:
             return response["result"]
         error = response.get("error") or {}
         raise error_for(error.get("code", "INTERNAL"), error.get("message", "no message"))
 
-    def _retried(self, op, args, limit):
+    def _retried(self, op, args, limit, deadline):
         """The exchange again, with backoff, until it goes through or `limit` seconds pass."""
         stop = tenacity.stop_never if limit is None else tenacity.stop_after_delay(limit)
         retrying = tenacity.Retrying(
@@ -91,18 +94,22 @@ class Client:
             before_sleep=lambda state: log.info("server %s:%s unreachable (%s); retrying",
                                                 self.host, self.port, state.outcome.exception()))
         try:
-            return retrying(self._exchange, op, args)
+            return retrying(self._exchange, op, args, deadline)
         except TransportError as exc:
             raise ServerUnavailable(f"cannot reach the server at {self.host}:{self.port}: {exc}",
                                     hint="is `sdm-peer serve` running there?") from None
 
-    def _exchange(self, op, args):
+    def _exchange(self, op, args, deadline=None):
+        """One request and its answer. The wait is bounded by the call timeout and by the
+        caller's deadline: a half-open connection must not hold a call past its time."""
         request_id = next(self._ids)
         line = protocol.encode_request(request_id, op, self._token, args)
         with self._lock:
             try:
                 if self._sock is None:
                     self._connect()
+                wait = self.timeout if deadline is None else min(self.timeout, deadline - time.monotonic())
+                self._sock.settimeout(max(MIN_CALL_SECONDS, wait))
                 self._sock.sendall(line)
                 answer = self._file.readline(protocol.MAX_LINE + 1)
                 if not answer:

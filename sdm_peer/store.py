@@ -245,8 +245,8 @@ class Store:
             provision = None
             if config["state"] != st.CONFIG_DONE:
                 provision = self._reclaim_expired(db, config["id"], now, worker_id)
-            experiment = None
-            row = db.execute(CLAIM_NEXT_SQL, {"config": config["id"]}).fetchone()
+            experiment = self._held_by(db, config["id"], worker_id, now, lease_seconds)
+            row = None if experiment else db.execute(CLAIM_NEXT_SQL, {"config": config["id"]}).fetchone()
             if row is not None:
                 experiment = self._start(db, row, config, worker_id, now, lease_seconds)
             provision = provision or self._take_over_provisioning(db, worker_id, now)
@@ -256,6 +256,22 @@ class Store:
                         "retry_after": None}
             answer = self._progress(db, config["id"], now)
         return {"experiment": experiment, "provision": provision, **answer}
+
+    @staticmethod
+    def _held_by(db, config_id, worker_id, now, lease_seconds):
+        """A lease this worker already holds in the config, renewed. A worker claims only when
+        it runs nothing, so such a lease is one whose claim answer never reached it (a dropped
+        connection): it gets the same lease again instead of a second one left to lapse."""
+        row = db.execute(
+            f"UPDATE experiments SET lease_expires_at = ?, updated_at = ?"
+            f" WHERE id = (SELECT id FROM experiments WHERE config = ? AND status = '{st.STARTED}'"
+            f"             AND lease_owner = ? ORDER BY id LIMIT 1)"
+            f" RETURNING key, params, lease_token, attempts",
+            (now + lease_seconds, now, config_id, worker_id)).fetchone()
+        if row is None:
+            return None
+        return {"key": row["key"], "params": json.loads(row["params"]), "lease_token": row["lease_token"],
+                "lease_seconds_left": lease_seconds, "attempt": row["attempts"]}
 
     def _start(self, db, row, config, worker_id, now, lease_seconds):
         token = secrets.token_urlsafe(18)

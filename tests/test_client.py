@@ -251,6 +251,20 @@ def test_server_that_never_answers_times_out_is_retried_then_unavailable(fake_se
     assert fake.connections >= 2 and len(fake.requests) >= 2  # each timeout dropped the connection and retried
 
 
+def test_a_silent_connection_holds_a_call_no_longer_than_its_retry_limit(fake_server):
+    # A half-open connection: the call timeout is long, the caller's limit short; the limit wins
+    # (a SIGTERMed worker must release and exit within 20 s, whatever the network does).
+    fake = fake_server(lambda request, number: None)
+    client = Client(fake.address, "tok", timeout=30.0, retry_seconds=1.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ServerUnavailable):
+            client.call("release", worker_id="w", reason="SIGTERM")
+    finally:
+        client.close()
+    assert time.monotonic() - started < 5
+
+
 def test_answer_that_is_not_a_response_is_retried_then_unavailable(fake_server):
     fake = fake_server(lambda request, number: b"HTTP/1.1 400 Bad Request\r\n")
     client = Client(fake.address, "tok", timeout=2, retry_seconds=0.5)

@@ -149,8 +149,8 @@ def test_release_is_interrupted_and_does_not_count_as_failure(make_store):
 
 
 def test_release_by_worker_releases_all_its_leases(make_store):
-    store = make_store(grid([(2, 4)], 3))
-    claim(store, "w1"), claim(store, "w1"), claim(store, "w2")
+    store = make_store(grid([(2, 4), (4, 8)], 2))
+    claim(store, "w1"), claim(store, "w1", shape=(4, 8)), claim(store, "w2")
     assert store.release(worker_id="w1", reason="shutdown", now=T0 + 1) == {"released": 2}
     assert store.release(worker_id="nobody", reason="shutdown", now=T0 + 1) == {"released": 0}
     counts = store.status(now=T0 + 1)["totals"]
@@ -270,3 +270,14 @@ def test_status_counts_match_rows(make_store):
         {"name": "c2-m4", "cores": 2, "memory_gb": 4, "state": "RUNNING"}
     for field in ("total", "not_started", "started", "done", "error", "interrupted", "failed", "legacy"):
         assert field in first and field in status["totals"]
+
+
+def test_a_worker_claiming_again_gets_the_lease_it_already_holds(make_store):
+    store = make_store(grid([(2, 4)], 3))
+    first = claim(store, "w1")["experiment"]  # suppose this answer never reached w1
+    again = claim(store, "w1", at=T0 + 10)["experiment"]
+    assert again["lease_token"] == first["lease_token"] and again["attempt"] == 1
+    assert row(store, first["key"])["lease_expires_at"] == T0 + 10 + LEASE
+    assert len(store.attempts()) == 1
+    other = claim(store, "w2", at=T0 + 11)["experiment"]
+    assert other["key"] != first["key"]

@@ -48,7 +48,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.now = T0
         self.lease_tokens = ["forged-lease-token"]
         self.provision_tokens = ["forged-provision-token"]
-        self.claims = 0  # successful claims that returned an experiment
+        self.claims = 0  # successful claims that returned a new lease
+        self.token_owner = {}  # lease token -> the worker it was handed to
         self.done = {}  # experiment id -> (status, result, wall_seconds) when first seen DONE
         self.config_states = {}  # config id -> last state seen
 
@@ -102,10 +103,16 @@ class StoreMachine(RuleBasedStateMachine):
         answer = self.call(self.store.claim, worker, *shape, lease_seconds=LEASE)
         experiment = answer["experiment"]
         if experiment is not None:
-            self.claims += 1
-            assert experiment["lease_token"] not in self.lease_tokens
             assert experiment["lease_seconds_left"] == LEASE
-            self.lease_tokens.append(experiment["lease_token"])
+            token = experiment["lease_token"]
+            if token in self.token_owner:
+                # The same lease again (its first answer was "lost"): only ever to its holder.
+                assert self.token_owner[token] == worker
+            else:
+                self.claims += 1
+                assert token not in self.lease_tokens
+                self.token_owner[token] = worker
+                self.lease_tokens.append(token)
         else:
             unfinished = self.conn.execute(
                 "SELECT COUNT(*) FROM experiments e JOIN configs c ON c.id = e.config"
