@@ -260,7 +260,7 @@ def setup_logging(verbose=False):
               help="Lease period (default: the run's lease_seconds setting, 60).")
 @click.option("--idle-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
               help="Seconds before an idle connection is closed.")
-@click.option("--max-connections", type=click.IntRange(min=1), default=4096, show_default=True,
+@click.option("--max-connections", type=click.IntRange(min=1), default=20_000, show_default=True,
               help="Connections served at once; more are refused with BUSY.")
 @click.option("--replicate", is_flag=True,
               help="Run under `litestream replicate` (a missing database is restored from the replica first).")

@@ -21,7 +21,7 @@ log = logging.getLogger("sdm_peer.server")
 
 DEFAULT_PORT = 7787
 IDLE_TIMEOUT = 300.0  # seconds; workers renew far more often than this
-MAX_CONNECTIONS = 4096
+MAX_CONNECTIONS = 20_000  # every worker keeps one connection; a big study has tens of thousands
 STOP_GRACE = 10.0  # seconds for in-flight requests to finish on SIGTERM
 AUTH_FAILURES_ALLOWED = 20  # failed authentications per address and window before throttling
 AUTH_WINDOW = 60.0  # seconds
@@ -284,8 +284,24 @@ def tls_server_context(cert_file, key_file):
     return context
 
 
+def raise_open_files_limit(connections):
+    """Let this process hold `connections` sockets: lift the soft limit on open files as far
+    as the hard limit allows (a VM's default soft limit, 1024, is far too low)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 256  # the database, its WAL, logs and the listening sockets
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+        soft = new_soft
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("open files are limited to %d: fewer than %d connections can be served", soft, connections)
+
+
 def serve(db_path, token, *, host, port, lease_seconds=None, run_dir=None, replicated=False, **limits):
     """Run the server in this process until it is told to stop."""
+    raise_open_files_limit(limits.get("max_connections", MAX_CONNECTIONS))
     def on_listening(bound_host, bound_port):
         if run_dir is not None:
             run_dir.write_server_info(bound_host, bound_port, os.getpid())

@@ -539,3 +539,21 @@ def test_twenty_concurrent_clients_finish_every_experiment_exactly_once(tmp_path
     assert set(experiments_in(db).values()) == {("DONE", 1)}
     with sqlite3.connect(db) as con:
         assert con.execute("SELECT COUNT(*), COUNT(DISTINCT experiment) FROM attempts").fetchone() == (60, 60)
+
+
+def test_the_server_lifts_its_open_files_limit_for_its_connections(run, tmp_path):
+    import resource
+
+    db, _ = run
+    # Start it as a VM would: with a soft limit of 1024 open files.
+    lowered = ("import resource; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1];"
+               " resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard));"
+               " from sdm_peer.cli import main; main()")
+    server = ServerProcess([sys.executable, "-c", lowered, "serve", "--db", str(db), "--port", "0",
+                            "--max-connections", "5000"], tmp_path / "limits.log")
+    try:
+        limits = Path(f"/proc/{server.pid}/limits").read_text()
+        soft = int(next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3])
+    finally:
+        assert server.stop() == 0
+    assert soft >= min(5256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]) > 1024
