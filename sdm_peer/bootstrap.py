@@ -43,9 +43,10 @@ def server_answers(run):
         client.close()
 
 
-def ensure_server(run, *, lease_seconds=None, host="127.0.0.1", replica_url=None):
+def ensure_server(run, *, lease_seconds=None, host="127.0.0.1", replica_url=None, http_port=None):
     """Start `sdm-peer serve --dir RUN` in the background unless it already answers; with a
-    replica, push the database first and serve it under Litestream."""
+    replica, push the database first and serve it under Litestream; with `http_port`, with its
+    web dashboard."""
     if server_answers(run):
         return run.server_info()
     previous = run.server_info() or {}
@@ -57,6 +58,8 @@ def ensure_server(run, *, lease_seconds=None, host="127.0.0.1", replica_url=None
     if replica_url:
         replication.push(run.db, replica_url)
         command += ["--replicate", "--replica", replica_url]
+    if http_port is not None:
+        command += ["--http-port", str(http_port)]
     if run.server_file.exists():
         run.server_file.unlink()
     with open(run.server_log, "ab") as logfile:
@@ -67,7 +70,7 @@ def ensure_server(run, *, lease_seconds=None, host="127.0.0.1", replica_url=None
         if process.poll() is not None:
             if port:  # the old port is taken: any free one will do, workers re-read server.json
                 return ensure_server_on_free_port(run, lease_seconds=lease_seconds, host=host,
-                                                  replica_url=replica_url)
+                                                  replica_url=replica_url, http_port=http_port)
             raise SdmPeerError(f"the server exited with status {process.returncode}",
                                hint=f"see {run.server_log}")
         if run.server_file.exists():  # written by the new server once it listens
@@ -82,12 +85,13 @@ def ensure_server_on_free_port(run, **options):
     return ensure_server(run, **options)
 
 
-def bootstrap(run, *, lease_seconds=None, owner="bootstrap"):
+def bootstrap(run, *, lease_seconds=None, owner="bootstrap", http_port=None):
     """Bring a run (already initialised in `run`) to a working state; return the server info."""
     store = Store(run.db, create=False)
     settings = store.settings
     store.close()
-    info = ensure_server(run, lease_seconds=lease_seconds, replica_url=settings.get("replica_url"))
+    info = ensure_server(run, lease_seconds=lease_seconds, replica_url=settings.get("replica_url"),
+                         http_port=http_port)
     client = server_client(run, retry_seconds=10.0)
     try:
         provider = provider_for(settings, run.path)

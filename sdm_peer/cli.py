@@ -411,10 +411,12 @@ def work(server, run_dir, token_file, tls_ca, cores, memory_gb, worker_id, work_
 @click.option("--zone", help="gce: the zone of every VM, e.g. us-central1-a.")
 @click.option("--bucket", help="gce: the Cloud Storage bucket of the database's replica (gs://BUCKET/RUN_NAME).")
 @click.option("--dry-run", is_flag=True, help="gce: print every Compute Engine call it would make; change nothing.")
+@click.option("--http-port", type=click.IntRange(0, 65535),
+              help="local: the server also serves its read-only web dashboard on this port.")
 @settings_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def bootstrap(plan_file, provider, run_dir, lease_seconds, project, zone, bucket, dry_run, assignments, settings_file,
-              command):
+def bootstrap(plan_file, provider, run_dir, lease_seconds, project, zone, bucket, dry_run, http_port, assignments,
+              settings_file, command):
     """Start a whole run: init RUNDIR/sdm.db, start the server, provision the first group.
 
     With --provider gce: push the database to the replica, create the firewall rule and the
@@ -430,14 +432,18 @@ def bootstrap(plan_file, provider, run_dir, lease_seconds, project, zone, bucket
             lease_seconds=lease_seconds))
     if project or zone or bucket or dry_run:
         raise BadInput("--project, --zone, --bucket and --dry-run are for --provider gce")
+    if http_port is not None and provider != "local":
+        raise BadInput("--http-port is for --provider local (the database VM of a gce run serves no dashboard)")
     settings = collect_settings(assignments, settings_file, provider=provider, command=list(command))
     run = RunDir(run_dir)
     run.path.mkdir(parents=True, exist_ok=True)
     counts = init_run(run.db, plan_file, settings)
-    info = start_run(run, lease_seconds=lease_seconds)
+    info = start_run(run, lease_seconds=lease_seconds, http_port=http_port)
     click.echo(f"{run.path}: {counts['experiments_added']:,} experiments added; server on "
                f"{info['host']}:{info['port']}")
     click.echo(f"watch it with: sdm-peer status --dir {run_dir} --watch 2")
+    if http_port is not None:
+        click.echo(f"dashboard: http://127.0.0.1:{http_port}/?token=$(cat {run.db}.view-token)")
 
 
 def bootstrap_gce(plan_file, run, bucket, dry_run, settings):

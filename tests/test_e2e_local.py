@@ -247,3 +247,22 @@ def test_bootstrap_again_restarts_a_dead_server_and_changes_nothing_on_a_live_ru
     assert processes_of(run.path) == []
     # The stopped worker gave its lease back.
     assert experiments(run)[0]["status"] == st.INTERRUPTED
+
+
+def test_bootstrap_can_start_the_dashboard_with_the_server(run, tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(shape_rows(A, 2, 1, sleep=0.1)))
+    started = sdm("bootstrap", "--plan", plan, "--provider", "local", "--dir", run.path, "--http-port", http_port,
+                  "--", *job_command(tmp_path))
+    assert f"http://127.0.0.1:{http_port}/" in started.stdout
+    wait_for(lambda: all_done(run), what="the study done")
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/status.json",
+                                     headers={"Authorization": f"Bearer {run.token_file.read_text().strip()}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert json.loads(answer.read())["totals"]["done"] == 2
