@@ -426,14 +426,14 @@ def bootstrap(plan_file, provider, run_dir, lease_seconds, project, zone, bucket
     restarts it, and it finishes a provisioning whose lease lapsed."""
     from .bootstrap import bootstrap as start_run
 
+    if http_port is not None and provider != "local":
+        raise BadInput("--http-port is for --provider local (the database VM of a gce run serves no dashboard)")
     if provider == "gce":
         return bootstrap_gce(plan_file, RunDir(run_dir), bucket, dry_run, collect_settings(
             assignments, settings_file, provider=provider, command=list(command), project=project, zone=zone,
             lease_seconds=lease_seconds))
     if project or zone or bucket or dry_run:
         raise BadInput("--project, --zone, --bucket and --dry-run are for --provider gce")
-    if http_port is not None and provider != "local":
-        raise BadInput("--http-port is for --provider local (the database VM of a gce run serves no dashboard)")
     settings = collect_settings(assignments, settings_file, provider=provider, command=list(command))
     run = RunDir(run_dir)
     run.path.mkdir(parents=True, exist_ok=True)
