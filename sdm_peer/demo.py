@@ -20,6 +20,7 @@ from . import bootstrap as run_control
 from .cli import init_run
 from .errors import BadInput
 from .export import export
+from .overview import overview
 from .store import Store
 from .view import status_table
 
@@ -84,13 +85,13 @@ def _watch(store, console, started):
         elapsed = Text(f"{time.monotonic() - started:.1f}s", style="dim")
         return Group(status_table(status), elapsed)
 
-    status = store.status(now=time.time())
+    status = overview(store, now=time.time(), with_replication=False)
     with Live(view(status), console=console, refresh_per_second=4, transient=False) as live:
         while any(config["state"] != "DONE" for config in status["configs"]):
             if time.monotonic() - started > TIMEOUT:
                 raise BadInput(f"the demo did not finish within {TIMEOUT:.0f}s", hint="see the logs in the run directory")
             time.sleep(0.25)
-            status = store.status(now=time.time())
+            status = overview(store, now=time.time(), with_replication=False)
             live.update(view(status))
     console.print()
     return status
