@@ -26,7 +26,7 @@ import urllib.parse
 from pathlib import Path
 
 from .errors import BadInput
-from .overview import duration, event_text, finished, overview, seconds_text
+from .overview import duration, event_text, finished, idle_text, overview, seconds_text
 from .rundir import write_token
 from .store import Store
 from .view import hidden_summary, visible_configs
@@ -230,6 +230,8 @@ def render_page(status, *, now, database=""):
     lines = [f'<p class="provisioning">provisioning <strong>{_e(p["config"])}</strong>'
              f'{" by " + _e(p["owner"]) if p["owner"] else ""} ({_provision_lease(p)})</p>'
              for p in status.get("provisioning", ())]
+    if status.get("idle", {}).get("idle_fraction") is not None:
+        lines.append(f'<p id="idle">{_e(idle_text(status["idle"]))}</p>')
     if "replication" in status:
         lines.append(f'<p id="replication">{_e(_replication_text(status["replication"]))}</p>')
     return PAGE.format(

@@ -1,11 +1,14 @@
 """The run as a person watching it needs to see it: `status --json`'s object (DESIGN §5) plus
 the live leases, the group being provisioned, recent events, throughput, an ETA from measured
-wall times and, when the run replicates, the replica's lag.
+wall times, idle accounting (workers' seconds alive against seconds running a command, per
+config and in `idle`) and, when the run replicates, the replica's lag.
 
 One object for `status` (terminal and --json), the server's `status` op and the dashboard, so
 the three never disagree. Times are seconds left or seconds ago, never clock values."""
 
 import statistics
+
+from .store import idle_fraction
 
 LEASES_SHOWN = 20
 EVENTS_SHOWN = 20
@@ -26,6 +29,11 @@ def overview(store, *, now, with_replication=True):
     for config in status["configs"]:
         measured = timings["configs"].get(config["name"])
         config["mean_wall_seconds"] = measured["mean_wall_seconds"] if measured else None
+    idle = {row["config"]: row for row in store.idle_accounting(now=now)}
+    for config in status["configs"]:
+        accounting = idle[config["name"]]
+        config.update(workers_seen=accounting["workers"], worker_seconds=round(accounting["worker_seconds"], 1),
+                      busy_seconds=round(accounting["busy_seconds"], 1), idle_fraction=accounting["idle_fraction"])
     window = timings["window_seconds"]
     status.update(
         leases=store.leases(now=now, limit=LEASES_SHOWN),
@@ -34,10 +42,25 @@ def overview(store, *, now, with_replication=True):
         throughput={"done": timings["recent_done"], "window_seconds": round(window, 1),
                     "per_minute": round(60 * timings["recent_done"] / window, 2) if window > 0 else None},
         eta_seconds=eta_seconds(status["configs"]),
+        idle=idle_totals(idle.values()),
     )
     if with_replication and store.settings.get("replica_url"):
         status["replication"] = replication_of(store)
     return status
+
+
+def idle_totals(rows):
+    """The whole run's idle accounting: workers seen, seconds alive and busy, the idle fraction."""
+    rows = list(rows)
+    alive, busy = sum(row["worker_seconds"] for row in rows), sum(row["busy_seconds"] for row in rows)
+    return {"workers_seen": sum(row["workers"] for row in rows), "worker_seconds": round(alive, 1),
+            "busy_seconds": round(busy, 1), "idle_fraction": idle_fraction(alive, busy)}
+
+
+def idle_text(idle):
+    """The run's idle accounting in plain words (status and the dashboard)."""
+    return (f"workers: {idle['workers_seen']:,} seen, alive {duration(idle['worker_seconds'])}, running commands "
+            f"{duration(idle['busy_seconds'])}: {100 * idle['idle_fraction']:.0f}% idle")
 
 
 def eta_seconds(configs):

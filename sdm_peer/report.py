@@ -3,7 +3,7 @@
 From a run's database, read-only: PNG plots of wall time, and of every numeric `*_seconds`
 field the command put in its results (fit_seconds, predict_seconds, ...), against cores and
 against memory; for each, a table per shape (n, mean, median, p95); and the attempt history per
-shape (failures, preemptions, compute time lost to re-runs). Written as DIR/report.html with
+shape (failures, preemptions, compute time lost to re-runs) and the workers' idle time per shape. Written as DIR/report.html with
 the PNGs beside it. matplotlib draws off-screen (Agg), without pyplot's global state."""
 
 import html
@@ -42,7 +42,8 @@ def write_report(store, out_dir, *, now=None):
     status = store.status(now=now or time.time())
     history = attempt_rows(store.attempt_history(), {c["name"]: c["failed"] for c in status["configs"]})
     page = render(sections, history, status["totals"], database=store.path, results=len(done),
-                  generated=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)))
+                  generated=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+                  idle=store.idle_accounting(now=now or time.time()))
     path = out_dir / REPORT_FILE
     temporary = path.with_name(path.name + ".partial")
     temporary.write_text(page)
@@ -175,11 +176,16 @@ img {{ max-width: 100%; }} .muted {{ color: #777; }}
 interrupted or preempted, its lease expired, or its report came too late) are run again: their
 seconds are compute lost to re-runs (the wall time the worker reported, else claim to end).</p>
 {history}
+<h2>Idle workers</h2>
+<p>Per shape, the workers seen and their seconds alive (first to last call to the server; a VM's
+boot before its first call is not in it) against their seconds running a command: the rest was
+paid for and idle.</p>
+{idle}
 </body></html>
 """
 
 
-def render(sections, history, totals, *, database, results, generated):
+def render(sections, history, totals, *, database, results, generated, idle):
     counts = (f"{totals['total']:,} experiments in {len(history):,} shapes: {totals['done']:,} DONE, "
               f"{totals['started']:,} running, {totals['failed']:,} FAILED, "
               f"{totals['not_started'] + totals['interrupted'] + totals['error']:,} waiting.")
@@ -189,7 +195,7 @@ def render(sections, history, totals, *, database, results, generated):
     else:
         body = "\n".join(metric_section(metric, image, shapes) for metric, image, shapes in sections)
     return PAGE.format(database=_e(database), generated=_e(generated), counts=_e(counts), sections=body,
-                       history=history_table(history))
+                       history=history_table(history), idle=idle_table(idle))
 
 
 def metric_section(metric, image, shapes):
@@ -225,6 +231,24 @@ def _history_row(row, css=""):
     memory = f"{row['memory_gb']:g}" if row["memory_gb"] != "" else ""
     return (f'<tr class="{css}"><td>{_e(row["config"])}</td><td>{row["cores"]}</td><td>{memory}</td>{cells}'
             f"<td>{seconds_text(row['rerun_seconds'])}</td><td>{share}</td></tr>")
+
+
+def idle_table(idle):
+    """Per shape: workers seen, their hours alive and running a command, the idle share."""
+    from .overview import idle_totals
+
+    total = idle_totals(idle)
+    rows = [(row["config"], row["workers"], row["worker_seconds"], row["busy_seconds"], row["idle_fraction"])
+            for row in idle]
+    rows.append(("all", total["workers_seen"], total["worker_seconds"], total["busy_seconds"],
+                 total["idle_fraction"]))
+    cells = "".join(
+        f'<tr class="{"all" if config == "all" else ""}"><td>{_e(config)}</td><td>{workers:,}</td>'
+        f"<td>{seconds_text(alive)}</td><td>{seconds_text(busy)}</td>"
+        f"<td>{'–' if fraction is None else f'{100 * fraction:.1f}%'}</td></tr>"
+        for config, workers, alive, busy, fraction in rows)
+    return (f'<table id="idle"><tr><th>shape</th><th>workers seen</th><th>worker s alive</th>'
+            f"<th>worker s running a command</th><th>idle</th></tr>{cells}</table>")
 
 
 def _e(value):

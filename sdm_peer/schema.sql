@@ -108,6 +108,17 @@ CREATE TABLE IF NOT EXISTS workers (
     last_seen  REAL NOT NULL
 ) WITHOUT ROWID;
 
+-- Workers of a config's shape, for the shrink rule's count of idle workers.
+CREATE INDEX IF NOT EXISTS workers_shape ON workers (cores, memory_gb);
+
+-- Workers told to leave their group while its config still ran (the `shrink` setting): they
+-- no longer count towards the config's reserve of idle workers.
+CREATE TABLE IF NOT EXISTS departures (
+    worker  TEXT PRIMARY KEY REFERENCES workers (id),
+    config  INTEGER NOT NULL REFERENCES configs (id),
+    left_at REAL NOT NULL
+) WITHOUT ROWID;
+
 -- Append-only log of config-level happenings.
 CREATE TABLE IF NOT EXISTS events (
     id     INTEGER PRIMARY KEY,
@@ -124,3 +135,8 @@ CREATE TRIGGER IF NOT EXISTS events_append_only_update
     BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_append_only_delete
     BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+
+-- "Did this config hand off already" (pre-warming hands off at the last claim, not at DONE).
+CREATE INDEX IF NOT EXISTS events_handoff_from
+    ON events (json_extract(detail, '$.from'))
+    WHERE kind = 'handoff';

@@ -119,6 +119,9 @@ SCHEMA = {
     "group_size": _positive_int,
     "max_failures": _positive_int,
     "max_interruptions": _positive_int,
+    # Cost (issue 9): hand off the next group at the last claim; idle workers leave their group.
+    "prewarm": _boolean,
+    "shrink": _boolean,
     # Google Cloud (issue: GCE provider).
     "project": _project,
     "zone": _zone,
@@ -142,6 +145,8 @@ DEFAULTS = {
     "group_size": 1,
     "max_failures": 3,
     "max_interruptions": 10,
+    "prewarm": False,
+    "shrink": False,
 }
 
 

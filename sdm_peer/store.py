@@ -22,9 +22,13 @@ from . import settings as settings_mod
 from . import states as st
 from .errors import LeaseLost, NoSuchConfig, SdmPeerError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 10_000
 ERROR_TAIL_CHARS = 4000
+# Shrinking (the `shrink` setting): a worker with nothing to claim leaves its group only while
+# more than this many workers of its config are idle. The reserve re-runs leases that lapse
+# (a preempted VM's) at once, without waiting for the group to re-create a VM and boot it.
+IDLE_RESERVE = 1
 
 
 def schema_sql():
@@ -241,6 +245,8 @@ class Store:
         Returns {experiment, config, config_done, handoff_pending, retry_after, provision}."""
         with self._write() as db:
             self._touch_worker(db, worker_id, cores, memory_gb, now)
+            if self.settings["shrink"]:  # a departed worker asking again did not leave after all
+                db.execute("DELETE FROM departures WHERE worker = ?", (worker_id,))
             config = self._config_for_shape(db, cores, memory_gb)
             provision = None
             if config["state"] != st.CONFIG_DONE:
@@ -249,13 +255,56 @@ class Store:
             row = None if experiment else db.execute(CLAIM_NEXT_SQL, {"config": config["id"]}).fetchone()
             if row is not None:
                 experiment = self._start(db, row, config, worker_id, now, lease_seconds)
+                if self.settings["prewarm"]:
+                    provision = provision or self._prewarm(db, config, worker_id, now)
             provision = provision or self._take_over_provisioning(db, worker_id, now)
             if experiment is not None:  # nothing to wait for
                 return {"experiment": experiment, "provision": provision, "config": config["name"],
                         "config_done": False, "handoff_pending": self._pending_provision(db) is not None,
-                        "retry_after": None}
+                        "retry_after": None, "leave": False}
             answer = self._progress(db, config["id"], now)
+            answer["leave"] = (self.settings["shrink"] and not answer["config_done"]
+                               and self._leave_group(db, config, worker_id, now))
         return {"experiment": experiment, "provision": provision, **answer}
+
+    def _prewarm(self, db, config, worker_id, now):
+        """The claim that took the config's last claimable experiment hands off the next WAITING
+        config now, so its group boots while this one's tail runs. At most once per config: an
+        ERROR or a lapsed lease can make the config claimable again, but the hand-off happened."""
+        left = db.execute(CLAIM_NEXT_SQL, {"config": config["id"]}).fetchone()
+        if left is not None or self.settings["provider"] == "none" or self._handed_off(db, config["name"]):
+            return None
+        provision = self._lease_next_waiting(db, worker_id, now)
+        if provision is not None:
+            self._event(db, now, "handoff", provision["config"], worker_id, {"from": config["name"], "prewarm": True})
+            provision["previous"] = config["name"]
+        return provision
+
+    @staticmethod
+    def _handed_off(db, config_name):
+        """Did this config already hand off the next one (pre-warming)?"""
+        return db.execute("SELECT EXISTS (SELECT 1 FROM events WHERE kind = 'handoff'"
+                          " AND json_extract(detail, '$.from') = ?)", (config_name,)).fetchone()[0]
+
+    def _leave_group(self, db, config, worker_id, now):
+        """Shrinking: may this worker, which found nothing to claim, leave its group? Yes while
+        more than IDLE_RESERVE of the config's workers are idle: seen within a lease period
+        (an idle worker asks at least that often), holding no lease, not departed. A worker
+        told to leave is recorded as departed in the same transaction, so two idle workers
+        asking at once never both leave the reserve empty."""
+        idle = db.execute(
+            f"""SELECT COUNT(*) FROM workers w
+                WHERE w.cores = :cores AND w.memory_gb = :memory_gb AND w.last_seen >= :since
+                  AND NOT EXISTS (SELECT 1 FROM departures d WHERE d.worker = w.id)
+                  AND NOT EXISTS (SELECT 1 FROM experiments e WHERE e.config = :config
+                                  AND e.status = '{st.STARTED}' AND e.lease_owner = w.id)""",
+            {"cores": config["cores"], "memory_gb": config["memory_gb"], "config": config["id"],
+             "since": now - self.settings["lease_seconds"]}).fetchone()[0]
+        if idle <= IDLE_RESERVE:
+            return False
+        db.execute("INSERT INTO departures (worker, config, left_at) VALUES (?, ?, ?)",
+                   (worker_id, config["id"], now))
+        return True
 
     @staticmethod
     def _held_by(db, config_id, worker_id, now, lease_seconds):
@@ -341,6 +390,7 @@ class Store:
             else:
                 refusal = None
                 worker = self._end_attempt(db, lease_token, st.DONE, now, wall_seconds=wall_seconds, exit_code=0)
+                self._seen(db, worker, now)
                 config_done, provision = self._finish_if_complete(db, row["config"], now, worker)
         if refusal is not None:
             return self._refuse_or_repeat(refusal)
@@ -369,6 +419,7 @@ class Store:
                 refusal = None
                 worker = self._end_attempt(db, lease_token, st.ERROR, now, wall_seconds=wall_seconds,
                                            exit_code=exit_code, error=error)
+                self._seen(db, worker, now)
                 config_done, provision = self._finish_if_complete(db, row["config"], now, worker)
         if refusal is not None:
             return self._refuse_or_repeat(refusal)
@@ -459,7 +510,8 @@ class Store:
     def _finish_if_complete(self, db, config_id, now, caller):
         """If no experiment of the config is unfinished, mark it DONE and elect the caller to
         provision the next WAITING config (exactly once: only the UPDATE that changed the
-        state hands off). Returns (config_done, provision)."""
+        state hands off, and not at all when pre-warming handed off already). Returns
+        (config_done, provision)."""
         # Named statuses, not NOT IN: a seek per status in experiments_config_status, instead
         # of a walk over every finished row of the config.
         unfinished = db.execute(
@@ -473,8 +525,8 @@ class Store:
         if finished is None:
             return True, None
         self._event(db, now, "config_done", finished["name"], caller)
-        if self.settings["provider"] == "none":
-            return True, None
+        if self.settings["provider"] == "none" or self._handed_off(db, finished["name"]):
+            return True, None  # no provider, or pre-warming handed off at the last claim
         provision = self._lease_next_waiting(db, caller, now)
         if provision is not None:
             self._event(db, now, "handoff", provision["config"], caller, {"from": finished["name"]})
@@ -600,6 +652,13 @@ class Store:
             out.append(entry)
         return {"configs": out, "totals": totals}
 
+    def config_state(self, name):
+        """One config's state (WAITING, PROVISIONING, RUNNING or DONE): a poll of one row."""
+        row = self.conn.execute("SELECT state FROM configs WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NoSuchConfig(f"no config named {name!r} in this run")
+        return row["state"]
+
     def events(self, *, kind=None):
         sql = "SELECT at, kind, config, worker, detail FROM events"
         rows = self.conn.execute(sql + (" WHERE kind = ?" if kind else "") + " ORDER BY id",
@@ -707,6 +766,27 @@ class Store:
                 entry["outcomes"][row["outcome"]] = {"count": row["count"], "seconds": row["seconds"]}
         return list(history.values())
 
+    def idle_accounting(self, *, now):
+        """Per config, in run order: how many workers were seen, their seconds alive (first to
+        last call: a VM's boot before its first call is not in it), the seconds they ran a
+        command (attempts' wall time; claim to end, or to now, for an attempt without one) and
+        the idle fraction of the alive seconds (None before any worker lived a second)."""
+        rows = self.conn.execute(
+            """WITH alive AS (
+                   SELECT c.id, COUNT(w.id) AS workers, COALESCE(SUM(w.last_seen - w.first_seen), 0) AS seconds
+                   FROM configs c LEFT JOIN workers w ON w.cores = c.cores AND w.memory_gb = c.memory_gb
+                   GROUP BY c.id),
+               busy AS (
+                   SELECT e.config AS id,
+                          SUM(COALESCE(a.wall_seconds, COALESCE(a.ended_at, :now) - a.claimed_at)) AS seconds
+                   FROM attempts a JOIN experiments e ON e.id = a.experiment GROUP BY e.config)
+               SELECT c.name AS config, alive.workers, alive.seconds AS worker_seconds,
+                      COALESCE(busy.seconds, 0) AS busy_seconds
+               FROM configs c JOIN alive ON alive.id = c.id LEFT JOIN busy ON busy.id = c.id
+               ORDER BY c.sequence""", {"now": now}).fetchall()
+        return [{**row, "idle_fraction": idle_fraction(row["worker_seconds"], row["busy_seconds"])}
+                for row in map(dict, rows)]
+
     # ---------------------------------------------------------------- helpers
 
     @staticmethod
@@ -716,8 +796,13 @@ class Store:
                    " last_seen = excluded.last_seen", (worker_id, cores, memory_gb, now, now))
 
     @staticmethod
+    def _seen(db, worker_id, now):
+        """A report is a sign of life too (idle accounting counts a worker alive until its last)."""
+        db.execute("UPDATE workers SET last_seen = MAX(last_seen, ?) WHERE id = ?", (now, worker_id))
+
+    @staticmethod
     def _config_for_shape(db, cores, memory_gb):
-        row = db.execute("SELECT id, name, state FROM configs WHERE cores = ? AND memory_gb = ?",
+        row = db.execute("SELECT id, name, state, cores, memory_gb FROM configs WHERE cores = ? AND memory_gb = ?",
                          (cores, memory_gb)).fetchone()
         if row is None:
             shapes = ", ".join(name for (name,) in db.execute("SELECT name FROM configs ORDER BY sequence LIMIT 8"))
@@ -729,6 +814,13 @@ class Store:
     def _event(db, now, kind, config, worker=None, detail=None):
         db.execute("INSERT INTO events (at, kind, config, worker, detail) VALUES (?, ?, ?, ?, ?)",
                    (now, kind, config, worker, json.dumps(detail or {})))
+
+
+def idle_fraction(worker_seconds, busy_seconds):
+    """The share of workers' alive seconds not spent running a command (None: nobody lived)."""
+    if worker_seconds <= 0:
+        return None
+    return round(max(0.0, 1.0 - busy_seconds / worker_seconds), 4)
 
 
 def _last_line(text):

@@ -1,5 +1,6 @@
 """How a run looks to a person in a terminal (rich): the status table, and for `status` and
-`status --watch` the live parts of the overview (leases, provisioning, events, throughput, ETA)."""
+`status --watch` the live parts of the overview (leases, provisioning, events, throughput, ETA,
+idle workers)."""
 
 import time
 
@@ -11,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import states as st
-from .overview import duration, event_text, finished, seconds_text
+from .overview import duration, event_text, finished, idle_text, seconds_text
 
 STATE_STYLE = {st.WAITING: "dim", st.PROVISIONING: "yellow", st.RUNNING: "bold cyan", st.CONFIG_DONE: "green"}
 SHOWN_WHEN_MANY = 30
@@ -72,6 +73,8 @@ def status_view(status, *, show_all=False):
     parts = [status_table(status, show_all=show_all)]
     if "eta_seconds" in status:
         parts.append(progress_line(status))
+    if status.get("idle", {}).get("idle_fraction") is not None:
+        parts.append(idle_line(status["idle"]))
     for provision in status.get("provisioning", ()):
         parts.append(provisioning_line(provision))
     if status.get("leases"):
@@ -106,6 +109,11 @@ def progress_line(status):
     eta = status["eta_seconds"]
     left = "all finished" if eta == 0 else f"ETA {duration(eta)} (from measured wall times)"
     return Text(f"throughput {speed} · {left}", style="bold")
+
+
+def idle_line(idle):
+    """Workers' seconds alive against seconds running a command, for the whole run."""
+    return Text(idle_text(idle), style="dim")
 
 
 def provisioning_line(provision):

@@ -4,6 +4,8 @@ Claims experiments for its own shape, runs COMMAND once per claim in a fresh wor
 renews the lease at a third of its period while the command runs, and reports. It never gives up
 on an unreachable server while it holds a result; it gives a lease back on SIGTERM; a provisioning
 lease in an answer makes it create the next group, and a finished config makes it remove its own.
+With the `shrink` setting, a worker the server tells to leave (nothing to claim, enough idle
+peers) leaves its group and exits 0.
 """
 
 import json
@@ -68,7 +70,8 @@ class Worker:
             self.stopping.set()
 
     def run(self):
-        """Work until the config is finished (0) or the worker is told to stop (143)."""
+        """Work until the config is finished or the worker left its group (0), or until it is
+        told to stop (143)."""
         signal.signal(signal.SIGTERM, self.stop)
         shape = {"worker_id": self.worker_id, "cores": self.cores, "memory_gb": self.memory_gb}
         hello = self._call("hello", **shape)
@@ -86,11 +89,13 @@ class Worker:
             if answer is None:
                 break
             if answer["provision"]:
-                self.provision(answer["provision"])
+                self.provision_holding(answer["provision"], answer["experiment"])
             if answer["experiment"]:
                 self.run_experiment(answer["experiment"])
                 idle = IDLE_BACKOFF[0]
                 continue
+            if answer.get("leave") and self.leave_group(answer["config"]):
+                return 0
             if answer["config_done"] and not answer["handoff_pending"]:
                 self.remove_own_group(answer["config"])
                 log.info("config %s is done; exiting", answer["config"])
@@ -225,6 +230,33 @@ class Worker:
             self._call("provisioned", provision_token=provision["provision_token"], worker_id=self.worker_id)
         except LeaseLost:
             log.info("provisioning of %s was taken over meanwhile", provision["config"])
+
+    def leave_group(self, config):
+        """Shrinking: nothing is left to claim and enough of the config's workers stay idle, so
+        this one leaves its group (which lowers the group's target size). False if the provider
+        refused: the worker stays, and its next claim tells the server it is back."""
+        provider = self._provider()
+        if provider is not None and self.own_group == config:
+            try:
+                provider.leave_group({"config": config}, self.worker_id)
+            except ProviderError as exc:
+                log.error("could not leave the group of %s: %s", config, exc)
+                return False
+        log.info("nothing left to claim in %s and enough idle workers stay; leaving the group", config)
+        return True
+
+    def provision_holding(self, provision, experiment):
+        """Provision the next group; with pre-warming the same answer gave an experiment, whose
+        lease is renewed meanwhile (creating a cloud group can outlast a lease period)."""
+        if experiment is None:
+            self.provision(provision)
+            return
+        keeper = LeaseKeeper(self.client, experiment["lease_token"], self.lease_seconds * settings_mod.RENEW_FRACTION)
+        keeper.start()
+        try:
+            self.provision(provision)
+        finally:
+            keeper.stop()
 
     def remove_own_group(self, config):
         """The config is finished and handed off: remove the group this worker belongs to.

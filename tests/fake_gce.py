@@ -143,6 +143,7 @@ class FakeCompute(_Server):
         project, rest = match.groups()
         for pattern, handler in (
             (r"global/instanceTemplates(?:/([^/]+))?", self._templates),
+            (r"zones/([^/]+)/instanceGroupManagers/([^/]+)/deleteInstances", self._delete_instances),
             (r"zones/([^/]+)/instanceGroupManagers(?:/([^/]+))?", self._groups),
             (r"zones/([^/]+)/instances(?:/([^/]+))?", self._instances),
             (r"global/firewalls(?:/([^/]+))?", self._firewalls),
@@ -224,6 +225,27 @@ class FakeCompute(_Server):
                                                 f"{template}' was not found")
         return self._collection(self.groups, "instanceGroupManagers", method, project, body, path, name, zone,
                                 on_insert=self._start_group, on_delete=self._stop_group)
+
+    def _delete_instances(self, method, project, body, path, zone, name):
+        """POST .../instanceGroupManagers/G/deleteInstances: the VMs go and the target size drops."""
+        if method != "POST":
+            raise ApiError(405, "badRequest", f"{method} not allowed here")
+        where = f"projects/{project}/zones/{zone}/instanceGroupManagers/{name}"
+        if name not in self.groups:
+            raise ApiError(404, "notFound", f"The resource '{where}' was not found")
+        group = self.groups[name]
+        leaving = [url.rpartition("/")[2] for url in body["instances"]]
+        for instance in leaving:
+            if instance not in group["_instances"]:
+                raise ApiError(400, "invalid", f"instance {instance} is not a member of {where}")
+        operation = self._new_operation(method, path, project, "deleteInstances",
+                                        f"zones/{zone}/instanceGroupManagers/{name}", zone)
+        if "error" not in operation:
+            for instance in leaving:
+                group["_instances"].remove(instance)
+                group["targetSize"] -= 1
+                self._stop_vm(instance)
+        return operation
 
     def _instances(self, method, project, body, path, zone, name):
         return self._collection(self.instances, "instances", method, project, body, path, name, zone,

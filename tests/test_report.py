@@ -92,7 +92,7 @@ def test_report_tables_hold_the_right_numbers_for_a_known_database(make_store, t
     # Only numeric *_seconds result fields are timing fields (not auc, not a string, not a bool).
     assert page.tables["fit_seconds"] == [header, ["c1-m2", "1", "2", "4", "0.250", "0.250", "0.385"],
                                           ["c2-m4", "2", "4", "2", "2.00", "2.00", "2.90"]]
-    assert set(page.tables) == {"wall_seconds", "fit_seconds", "attempts"}
+    assert set(page.tables) == {"wall_seconds", "fit_seconds", "attempts", "idle"}
     history = page.tables["attempts"]
     assert history[0] == ["shape", "cores", "memory GB", "attempts", "DONE", "errors", "interrupted", "expired",
                           "late reports", "experiments FAILED", "re-run compute s", "share of compute"]

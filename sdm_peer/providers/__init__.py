@@ -1,6 +1,8 @@
 """Where groups of workers come from (DESIGN §6). A provider has `create_group(config)` and
-`delete_group(config)`, both idempotent; `config` is a mapping with at least the config's name
-(under "config" or "name") and, for creation, `cores`, `memory_gb` and `group_size`."""
+`delete_group(config)`, both idempotent, and `leave_group(config, worker_id)` (shrinking: one
+worker leaves, the group's target size drops by one; a group or worker already gone is fine).
+`config` is a mapping with at least the config's name (under "config" or "name") and, for
+creation, `cores`, `memory_gb` and `group_size`."""
 
 from ..errors import SettingsError
 

@@ -220,3 +220,10 @@ class GceProvider:
         self.api.delete_group(name)
         self.api.delete_template(name)
         log.info("group %s of config %s deleted", name, config_name(config))
+
+    def leave_group(self, config, worker_id):
+        """Shrinking: delete this worker's VM (its instance name is its worker id) through its
+        managed group, which lowers the group's target size so the VM is not re-created."""
+        name = group_name(self.settings, config_name(config))
+        self.api.delete_instances(name, [worker_id])
+        log.info("VM %s left group %s", worker_id, name)

@@ -85,6 +85,14 @@ class ComputeApi:
         return self._delete("managed instance group", name, self.groups.delete_unary, zone=self.zone,
                             instance_group_manager=name)
 
+    def delete_instances(self, group, names):
+        """Remove VMs from a managed group; its target size drops by as many (a missing group is fine)."""
+        request = self.compute.InstanceGroupManagersDeleteInstancesRequest(
+            instances=[f"zones/{self.zone}/instances/{name}" for name in names])
+        return self._delete(f"VM(s) {', '.join(names)} of managed instance group", group,
+                            self.groups.delete_instances_unary, zone=self.zone, instance_group_manager=group,
+                            instance_group_managers_delete_instances_request_resource=request)
+
     def insert_instance(self, body):
         return self._insert("VM", body["name"], self.instances.insert_unary, zone=self.zone,
                             instance_resource=self.compute.Instance.from_json(json.dumps(body)))
@@ -194,6 +202,10 @@ class DryRunApi:
 
     def delete_group(self, name):
         return self._show("DELETE", f"zones/{self.zone}/instanceGroupManagers/{name}")
+
+    def delete_instances(self, group, names):
+        return self._show("POST", f"zones/{self.zone}/instanceGroupManagers/{group}/deleteInstances",
+                          {"instances": [f"zones/{self.zone}/instances/{name}" for name in names]})
 
     def insert_instance(self, body):
         return self._show("POST", f"zones/{self.zone}/instances", body)

@@ -92,6 +92,11 @@ class LocalProvider:
         for pid in pids:
             _signal(pid, signal.SIGKILL)
 
+    def leave_group(self, config, worker_id):
+        """Shrinking: the worker's own exit (status 0) is its leaving. The supervisor never
+        replaces a worker that exited 0, which lowers the group's target by one; the group ends
+        when its last worker has exited 0 or when it is deleted."""
+
     def worker_pids(self, name):
         return list((_read_json(self.group_dir(name) / "workers.json") or {}).values())
 
