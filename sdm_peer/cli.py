@@ -567,5 +567,27 @@ def demo(run_dir, lease_seconds):
     run_demo(RunDir(run_dir), lease_seconds=lease_seconds)
 
 
+@main.command()
+@click.option("--scale", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True),
+              help="Fraction of the full study (84,400 experiments over 2,000 configs) to simulate.")
+@click.option("--seed", default=1, show_default=True, type=int, help="Seed of every random draw.")
+@click.option("--group-size", default=5, show_default=True, type=click.IntRange(min=1), help="VMs per group.")
+@click.option("--preemptions-per-vm-hour", default=0.05, show_default=True, type=click.FloatRange(min=0),
+              help="Spot preemption rate of each VM.")
+@click.option("--out", default="simulate.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Where to write the results as JSON.")
+def simulate(scale, seed, group_size, preemptions_per_vm_hour, out):
+    """Compare, in simulated time through the real store, the replaced master-polling design,
+    sdm-peer, and sdm-peer with pre-warming and shrinking: makespan, VM-hours billed, idle
+    VM-hours, re-run hours and person interventions."""
+    from .simulate import simulate as run_simulation, table, write
+
+    outcome = run_simulation(scale=scale, seed=seed, group_size=group_size,
+                             preemptions_per_vm_hour=preemptions_per_vm_hour)
+    write(outcome, out)
+    click.echo(table(outcome))
+    click.echo(f"written to {out}")
+
+
 if __name__ == "__main__":
     sys.exit(main())
