@@ -85,6 +85,17 @@ def ensure_server_on_free_port(run, **options):
     return ensure_server(run, **options)
 
 
+def stored_settings(run):
+    """The run's settings as RUNDIR/sdm.db stores them; {} when it has no database yet."""
+    if not run.db.exists():
+        return {}
+    store = Store(run.db, readonly=True)
+    try:
+        return store.settings
+    finally:
+        store.close()
+
+
 def bootstrap(run, *, lease_seconds=None, owner="bootstrap", http_port=None):
     """Bring a run (already initialised in `run`) to a working state; return the server info."""
     store = Store(run.db, create=False)

@@ -547,12 +547,34 @@ def group_down(config, db, server, run_dir, token_file, tls_ca):
 @main.command()
 @click.option("--dir", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="The run directory.")
-def stop(run_dir):
-    """Stop a run: remove every group (its workers give their leases back), then the server."""
-    from .bootstrap import stop as stop_run
+@click.option("--force", is_flag=True,
+              help="gce: delete the database VM even when its replica cannot be confirmed to hold every result.")
+@click.option("--dry-run", is_flag=True, help="gce: print every Compute Engine call it would make; change nothing.")
+def stop(run_dir, force, dry_run):
+    """Stop a run: remove every group (its workers give their leases back), then the server.
 
-    stop_run(RunDir(run_dir))
+    A gce run: then, once its Litestream replica is confirmed to hold every result (it agrees
+    with the server, or shows every experiment finished), delete the database VM and the
+    firewall rule, and say where the results are. Not confirmed: both are kept, exit 1."""
+    from .bootstrap import stop as stop_run, stored_settings
+
+    run = RunDir(run_dir)
+    if stored_settings(run).get("provider") == "gce":
+        return stop_gce(run, force, dry_run)
+    if force or dry_run:
+        raise BadInput("--force and --dry-run are for a gce run")
+    stop_run(run)
     click.echo(f"{run_dir}: stopped")
+
+
+def stop_gce(run, force, dry_run):
+    from . import gce_stop
+
+    if dry_run:
+        gce_stop.dry_run(run, echo=click.echo)
+        return
+    gce_stop.stop(run, force=force, echo=click.echo)
+    click.echo(f"{run.path}: stopped; nothing of it is left on Compute Engine")
 
 
 @main.command()

@@ -19,11 +19,11 @@ import time
 
 from . import replication
 from . import settings as settings_mod
-from .bootstrap import provision_groups
+from .bootstrap import provision_groups, stored_settings
 from .client import Client
 from .errors import SdmPeerError, ServerUnavailable, SettingsError
 from .providers import check_run, gce
-from .rundir import parse_address, read_token
+from .rundir import RunDir, parse_address, read_token
 from .states import PROVISIONING, RUNNING, WAITING
 from .store import Store, config_name
 
@@ -81,9 +81,9 @@ def bootstrap(run, *, echo=print, api=None):
     api.insert_firewall(gce.firewall_body(settings))
     created = api.insert_instance(gce.db_vm_body(settings, token))
     echo(f"database VM {gce.db_vm_name(settings)} {'created' if created else 'exists'}; server {settings['server']}")
-    client = Client(parse_address(settings["server"]), token, timeout=10.0, retry_seconds=1.0)
+    client = db_server_client(settings, token)
     try:
-        reachable = wait_until_serving(client, replica, before_boot, echo=echo) if created else _answers(client)
+        reachable = wait_until_serving(client, replica, before_boot, echo=echo) if created else client_answers(client)
         provider = gce.GceProvider(settings, token, api=api)
         if reachable:
             provision_groups(client, provider, owner=OWNER, echo=echo)
@@ -94,7 +94,13 @@ def bootstrap(run, *, echo=print, api=None):
     return settings
 
 
-def _answers(client):
+def db_server_client(settings, token):
+    """A client for the database VM's server, quick to give up: from outside the VM's network
+    it cannot be reached."""
+    return Client(parse_address(settings["server"]), token, timeout=10.0, retry_seconds=1.0)
+
+
+def client_answers(client):
     try:
         client.call("status")
         return True
@@ -112,7 +118,7 @@ def wait_until_serving(client, replica, before_boot, *, echo=print, timeout=BOOT
     echo(f"waiting for the database VM to serve (up to {timeout / 60:.0f} minutes)")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _answers(client):
+        if client_answers(client):
             return True
         if (_newest_txid(replica) or 0) > before_boot:
             echo(f"the server is running (its first change reached {replica}) but cannot be reached from here")
@@ -137,11 +143,7 @@ def provision_from_replica(replica, provider, *, echo=print):
 def run_settings(run_path, settings, bucket=None):
     """The settings a gce bootstrap stores: run_name defaults to the run directory's name and
     replica_url to gs://BUCKET/RUN_NAME; those already stored in RUNDIR/sdm.db count."""
-    stored = {}
-    if (run_path / "sdm.db").exists():
-        store = Store(run_path / "sdm.db", create=False)
-        stored = store.settings
-        store.close()
+    stored = stored_settings(RunDir(run_path))
     settings = dict(settings)
     run_name = settings.get("run_name") or stored.get("run_name") or run_name_for(run_path)
     if run_name and not stored.get("run_name"):

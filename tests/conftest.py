@@ -51,6 +51,25 @@ PYTHON = sys.executable
 
 
 @pytest.fixture
+def cloud(tmp_path, monkeypatch):
+    """The fake Compute Engine (tests/fake_gce.py) with its metadata server and VMs that boot as
+    local processes; this process and `cloud.env` talk to it. All stopped at the end."""
+    from .fake_gce import FakeCompute, FakeMetadata, LocalVms
+
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    metadata = FakeMetadata().start()
+    vms = LocalVms(tmp_path / "vms", metadata)
+    compute = FakeCompute(vms).start()
+    vms.env["SDM_GCE_API_ENDPOINT"] = compute.address
+    compute.env = {"SDM_GCE_API_ENDPOINT": compute.address, "NO_GCE_CHECK": "true"}
+    monkeypatch.setenv("SDM_GCE_API_ENDPOINT", compute.address)
+    yield compute
+    vms.stop_all()
+    compute.stop()
+    metadata.stop()
+
+
+@pytest.fixture
 def run(tmp_path):
     """A run directory whose processes are all gone when the test ends (else the test fails)."""
     from sdm_peer.bootstrap import stop

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,6 +59,13 @@ def sdm(*args, env=None, check=True, timeout=60):
     if check and result.returncode != 0:
         raise AssertionError(f"sdm-peer {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr}")
     return result
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 nobody listens on (yet)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):

@@ -10,8 +10,8 @@ from sdm_peer.providers.gce_api import ComputeApi
 from .fake_gce import FakeCompute
 from sdm_peer.rundir import read_token
 
-from .runs import all_done, init, job_command, plan_file, processes_of, shape_rows, wait_for, with_store
-from .test_e2e_gce import bootstrap as gce_bootstrap, cloud, free_port, vm_attempts  # noqa: F401 - cloud: a fixture
+from .runs import all_done, free_port, init, job_command, plan_file, processes_of, shape_rows, wait_for, with_store
+from .test_e2e_gce import bootstrap as gce_bootstrap, vm_attempts
 from .test_e2e_local import assert_done_exactly_once, events
 
 A, B = (1, 1), (1, 2)

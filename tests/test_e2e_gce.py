@@ -4,9 +4,7 @@ API, whose VMs boot as local processes from the rendered cloud-configs: the data
 Hand-offs go through the gce provider inside the workers, as in the cloud."""
 
 import json
-import socket
 
-import pytest
 from click.testing import CliRunner
 
 from sdm_peer import states as st
@@ -15,32 +13,10 @@ from sdm_peer.client import Client
 from sdm_peer.rundir import read_token
 from sdm_peer.store import Store
 
-from .fake_gce import FakeCompute, FakeMetadata, LocalVms
-from .runs import job_command, plan_file, sdm, shape_rows, wait_for
+from .runs import free_port, job_command, plan_file, sdm, shape_rows, wait_for
 
 A, B, C = (2, 4), (1, 2), (2, 8)
 PROJECT, ZONE = "my-proj", "us-central1-a"
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def cloud(tmp_path, monkeypatch):
-    """The fake Compute Engine with its metadata server and local VMs; all stopped at the end."""
-    monkeypatch.setenv("NO_GCE_CHECK", "true")
-    metadata = FakeMetadata().start()
-    vms = LocalVms(tmp_path / "vms", metadata)
-    compute = FakeCompute(vms).start()
-    vms.env["SDM_GCE_API_ENDPOINT"] = compute.address
-    compute.env = {"SDM_GCE_API_ENDPOINT": compute.address, "NO_GCE_CHECK": "true"}
-    yield compute
-    vms.stop_all()
-    compute.stop()
-    metadata.stop()
 
 
 def bootstrap(run, cloud, plan, port, tmp_path, *extra):
@@ -101,8 +77,7 @@ def vm_attempts(tmp_path):
         store.close()
 
 
-def test_bootstrap_again_resumes_without_pushing_or_duplicating(run, tmp_path, cloud, monkeypatch):
-    monkeypatch.setenv("SDM_GCE_API_ENDPOINT", cloud.address)
+def test_bootstrap_again_resumes_without_pushing_or_duplicating(run, tmp_path, cloud):
     plan = plan_file(tmp_path, shape_rows(A, 2, 1, sleep=30))
     arguments = ["bootstrap", "--plan", str(plan), "--provider", "gce", "--dir", str(run.path), "--project", PROJECT,
                  "--zone", ZONE, "--set", f"replica_url=file://{tmp_path}/replica", "--set",
@@ -142,9 +117,8 @@ def test_dry_run_prints_every_call_and_changes_nothing(run, tmp_path, cloud):
     assert cloud.requests == [] and not run.db.exists() and list(run.path.iterdir()) == []
 
 
-def test_group_up_and_down_use_the_runs_stored_settings(run, tmp_path, cloud, monkeypatch):
+def test_group_up_and_down_use_the_runs_stored_settings(run, tmp_path, cloud):
     cloud.vms = None  # no VMs boot: this is about the API calls only
-    monkeypatch.setenv("SDM_GCE_API_ENDPOINT", cloud.address)
     plan = plan_file(tmp_path, shape_rows(A, 1) + shape_rows(C, 1))
     sdm("init", run.db, "--plan", plan, "--set", "provider=gce", "--set", f"project={PROJECT}", "--set",
         f"zone={ZONE}", "--set", "run_name=ops", "--set", "spot=false")

@@ -215,11 +215,13 @@ class GceProvider:
 
     def delete_group(self, config):
         """The managed group (its VMs go with it), then the template it used; a missing one is
-        fine (idempotent). The template can only go once no group uses it."""
+        fine (idempotent). The template can only go once no group uses it. True if the group
+        was there."""
         name = group_name(self.settings, config_name(config))
-        self.api.delete_group(name)
+        existed = self.api.delete_group(name)
         self.api.delete_template(name)
         log.info("group %s of config %s deleted", name, config_name(config))
+        return existed
 
     def leave_group(self, config, worker_id):
         """Shrinking: delete this worker's VM (its instance name is its worker id) through its

@@ -100,6 +100,19 @@ class ComputeApi:
     def delete_instance(self, name):
         return self._delete("VM", name, self.instances.delete_unary, zone=self.zone, instance=name)
 
+    def instance_exists(self, name):
+        """True if the VM exists (in any state), False if there is no such VM."""
+        from google.api_core import exceptions
+
+        what = f"looking up VM {name}"
+        try:
+            self._retrying(what, self.instances.get, project=self.project, zone=self.zone, instance=name)
+        except exceptions.NotFound:
+            return False
+        except exceptions.GoogleAPICallError as exc:
+            raise provider_error(exc, what) from None
+        return True
+
     def insert_firewall(self, body):
         return self._insert("firewall rule", body["name"], self.firewalls.insert_unary,
                             firewall_resource=self.compute.Firewall.from_json(json.dumps(body)))
