@@ -62,7 +62,7 @@ class Server:
         self.replicated, self.on_listening, self.clock = replicated, on_listening, clock
         self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdm-db")
         self._store = None
-        self._connections = {}  # task -> True while a request is being served
+        self._connections = set()  # Connection
         self._stopping = None
         self.ssl_context = ssl_context
         self.auth_failures = AuthFailures()
@@ -123,31 +123,38 @@ class Server:
             return [(False, failure)] * len(requests)
         return outcomes
 
-    async def _execute(self, op, args):
-        """Queue a request for the database thread and wait for its committed outcome."""
-        future = asyncio.get_running_loop().create_future()
-        self._queued.append((op, args, future))
+    def _submit(self, op, args, deliver):
+        """Queue a request for the database thread; `deliver(ok, value)` gets its committed
+        outcome on the event loop. Requests queued while a batch commits form the next batch."""
+        self._queued.append((op, args, deliver))
         if not self._draining:
             self._draining = True
-            asyncio.get_running_loop().create_task(self._drain())
-        return await future
+            self._start_batch(asyncio.get_running_loop())
 
-    async def _drain(self):
-        """Hand everything queued to the database thread as one batch, until nothing is queued;
-        requests arriving while a batch commits form the next one."""
+    def _start_batch(self, loop):
+        batch, self._queued = self._queued, []
+        done = self._db_thread.submit(self._run_batch, [(op, args) for op, args, _ in batch])
+        done.add_done_callback(lambda outcome: loop.call_soon_threadsafe(self._batch_done, loop, batch, outcome))
+
+    def _batch_done(self, loop, batch, outcome):
         try:
-            while self._queued:
-                batch, self._queued = self._queued, []
-                outcomes = await self._on_db(self._run_batch, [(op, args) for op, args, _ in batch])
-                for (_, _, future), (ok, value) in zip(batch, outcomes):
-                    if future.done():
-                        continue
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
+            for (_, _, deliver), (ok, value) in zip(batch, outcome.result()):
+                deliver(ok, value)
         finally:
-            self._draining = False
+            if self._queued:
+                self._start_batch(loop)
+            else:
+                self._draining = False
+
+    async def _execute(self, op, args):
+        """One request's committed outcome, awaited (the connection's path without a socket)."""
+        future = asyncio.get_running_loop().create_future()
+
+        def deliver(ok, value):
+            if not future.done():
+                future.set_result(value) if ok else future.set_exception(value)
+        self._submit(op, args, deliver)
+        return await future
 
     def _close_store(self):
         if self._store is not None:
@@ -159,83 +166,57 @@ class Server:
 
     # ---------------------------------------------------------------- connections
 
-    async def _serve_connection(self, reader, writer):
-        task = asyncio.current_task()
-        self._connections[task] = False
-        peer = writer.get_extra_info("peername")
-        try:
-            if len(self._connections) > self.max_connections:
-                error = Busy(f"the server has reached its limit of {self.max_connections} connections")
-                writer.write(protocol.encode_error(None, error.code, str(error)))
-                await writer.drain()
-                return
-            while not self._stopping.is_set():
-                try:
-                    line = await asyncio.wait_for(reader.readline(), self.idle_timeout)
-                except asyncio.TimeoutError:
-                    return
-                except (ValueError, asyncio.LimitOverrunError):
-                    # The rest of an over-long line cannot be told from the next request: answer, close.
-                    error = TooLarge(f"a request line may be at most {protocol.MAX_LINE} bytes")
-                    writer.write(protocol.encode_error(None, error.code, str(error)))
-                    await writer.drain()
-                    return
-                if not line:
-                    return
-                if not line.strip():
-                    continue
-                self._connections[task] = True
-                answer, close = await self._answer(line, peer)
-                writer.write(answer)
-                await writer.drain()
-                self._connections[task] = False
-                if close:
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except asyncio.CancelledError:
-            if not self._stopping.is_set():
-                raise
-        finally:
-            self._connections.pop(task, None)
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-
-    async def _answer(self, line, peer):
-        """The answer to one request line, and whether to close the connection after it."""
+    def _answer(self, connection, line):
+        """Answer one request line on `connection`: at once when it is refused, else when its
+        batch has committed."""
         request_id = None
         try:
             request = protocol.parse_request(line)
             request_id = request.id
             if not isinstance(request.token, str) or not hmac.compare_digest(request.token.encode(), self._token):
-                return await self._refuse_authentication(request_id, peer)
-            result = await self._execute(request.op, request.args)
-            return protocol.encode_result(request_id, result), False
+                self._refuse_authentication(connection, request_id)
+                return
         except protocol.RequestError as exc:
-            return protocol.encode_error(exc.request_id, exc.code, str(exc)), False
-        except SdmPeerError as exc:
-            return protocol.encode_error(request_id, exc.code, str(exc)), False
-        except Exception:
-            log.exception("internal error serving a request from %s", peer)
-            answer = protocol.encode_error(request_id, "INTERNAL", "the server failed on this request; see its log")
-            return answer, False
+            connection.answer(protocol.encode_error(exc.request_id, exc.code, str(exc)))
+            return
+        self._submit(request.op, request.args,
+                     lambda ok, value: connection.answer(self._encode_outcome(request_id, ok, value, connection.peer)))
 
-    async def _refuse_authentication(self, request_id, peer):
-        """A missing or wrong token: counted per address, throttled past the allowance (and
-        then the connection is closed). The token itself is never logged or echoed."""
-        address = peer[0] if peer else "unknown"
+    @staticmethod
+    def _encode_outcome(request_id, ok, value, peer):
+        if ok:
+            return protocol.encode_result(request_id, value)
+        if isinstance(value, SdmPeerError):
+            return protocol.encode_error(request_id, value.code, str(value))
+        log.error("internal error serving a request from %s", peer, exc_info=value)
+        return protocol.encode_error(request_id, "INTERNAL", "the server failed on this request; see its log")
+
+    def _refuse_authentication(self, connection, request_id):
+        """A missing or wrong token: counted per address, throttled past the allowance (the
+        answer then waits AUTH_TARPIT and the connection is closed). The token itself is never
+        logged or echoed."""
+        address = connection.peer[0] if connection.peer else "unknown"
         throttled = self.auth_failures.record(address, time.monotonic())
-        if throttled:
-            await asyncio.sleep(AUTH_TARPIT)
         if not throttled or len(self.auth_failures.recent[address]) == self.auth_failures.allowed + 1:
             log.warning("refused a request from %s: missing or wrong token%s", address,
                         " (throttling this address)" if throttled else "")
         error = Unauthorized("missing or wrong token" + ("; too many failures from this address, slowed down"
                                                          if throttled else ""))
-        return protocol.encode_error(request_id, error.code, str(error)), throttled
+        answer = protocol.encode_error(request_id, error.code, str(error))
+        if throttled:
+            asyncio.get_running_loop().call_later(AUTH_TARPIT, connection.answer, answer, True)
+        else:
+            connection.answer(answer)
+
+    async def _close_idle_connections(self):
+        """Close connections that have sat without a request for the idle timeout (one sweep
+        over all of them every quarter timeout: no timer per request)."""
+        while True:
+            await asyncio.sleep(self.idle_timeout / 4)
+            cutoff = time.monotonic() - self.idle_timeout
+            for connection in list(self._connections):
+                if not connection.busy and connection.last_request < cutoff:
+                    connection.close()
 
     # ---------------------------------------------------------------- life cycle
 
@@ -246,29 +227,112 @@ class Server:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
         extended = await self._on_db(self._open)
-        server = await asyncio.start_server(self._serve_connection, self.host, self.port,
-                                            limit=protocol.MAX_LINE - 1, reuse_address=True, ssl=self.ssl_context)
+        server = await loop.create_server(lambda: Connection(self), self.host, self.port, reuse_address=True,
+                                          ssl=self.ssl_context)
         host, port = server.sockets[0].getsockname()[:2]
         log.info("database %s; lease %ss; %d held leases extended%s", self.db_path, self.lease_seconds, extended,
                  "; TLS" if self.ssl_context else "")
         if self.on_listening is not None:
             self.on_listening(host, port)
+        sweeper = loop.create_task(self._close_idle_connections())
         try:
             if self.dashboard is not None:
                 await loop.run_in_executor(None, self.dashboard.start)
             await self._stopping.wait()
         finally:
+            sweeper.cancel()
             if self.dashboard is not None:
                 await loop.run_in_executor(None, self.dashboard.stop)
             server.close()
-            for task, busy in list(self._connections.items()):
-                if not busy:
-                    task.cancel()
-            if self._connections:
-                await asyncio.wait(list(self._connections), timeout=STOP_GRACE)
+            await self._finish_connections()
             await self._on_db(self._close_store)
             self._db_thread.shutdown(wait=True)
             log.info("stopped")
+
+    async def _finish_connections(self):
+        """On stop: close idle connections now; busy ones close once answered, within STOP_GRACE."""
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline:
+            for connection in list(self._connections):
+                if not connection.busy:
+                    connection.close()
+            if not self._connections:
+                return
+            await asyncio.sleep(0.01)
+        for connection in list(self._connections):
+            connection.close()
+
+
+class Connection(asyncio.Protocol):
+    """One client's connection: newline-framed requests, answered one at a time and in order
+    (a pipelined request waits in the buffer; reading pauses while a whole line's worth waits
+    or while the client does not read its answers)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.transport = self.peer = None
+        self.buffer = bytearray()
+        self.busy = False  # a request is being answered
+        self.writing_paused = False
+        self.last_request = time.monotonic()
+
+    def connection_made(self, transport):
+        self.transport, self.peer = transport, transport.get_extra_info("peername")
+        self.server._connections.add(self)
+        if len(self.server._connections) > self.server.max_connections:
+            error = Busy(f"the server has reached its limit of {self.server.max_connections} connections")
+            self.answer(protocol.encode_error(None, error.code, str(error)), close=True)
+
+    def connection_lost(self, exc):
+        self.server._connections.discard(self)
+
+    def data_received(self, data):
+        self.buffer += data
+        self._next_request()
+
+    def pause_writing(self):
+        self.writing_paused = True
+
+    def resume_writing(self):
+        self.writing_paused = False
+        self._next_request()
+
+    def _next_request(self):
+        """Hand the next complete line to the server, unless one is being answered."""
+        while not (self.busy or self.writing_paused or self.transport.is_closing()):
+            end = self.buffer.find(b"\n")
+            if end >= protocol.MAX_LINE or (end < 0 and len(self.buffer) >= protocol.MAX_LINE):
+                # The rest of an over-long line cannot be told from the next request: answer, close.
+                error = TooLarge(f"a request line may be at most {protocol.MAX_LINE} bytes")
+                self.answer(protocol.encode_error(None, error.code, str(error)), close=True)
+                return
+            if end < 0:
+                self.transport.resume_reading()
+                return
+            line = bytes(self.buffer[:end + 1])
+            del self.buffer[:end + 1]
+            if line.strip():
+                self.busy, self.last_request = True, time.monotonic()
+                self.server._answer(self, line)
+        if len(self.buffer) >= protocol.MAX_LINE:  # a whole line's worth waits: stop reading for now
+            self.transport.pause_reading()
+
+    def answer(self, payload, close=False):
+        """Send one answer; then serve the next request, or close (when asked, or when the server
+        is stopping)."""
+        self.busy, self.last_request = False, time.monotonic()
+        if self.transport.is_closing():
+            return
+        self.transport.write(payload)
+        if close or (self.server._stopping is not None and self.server._stopping.is_set()):
+            self.close()
+        else:
+            self._next_request()
+
+    def close(self):
+        """Close after what is written has been sent."""
+        self.buffer.clear()
+        self.transport.close()
 
 
 def tls_server_context(cert_file, key_file):

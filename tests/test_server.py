@@ -280,6 +280,26 @@ def test_pipelined_requests_on_one_connection_are_answered_in_order(run, start_s
     assert all(answer["ok"] for answer in answers)
 
 
+def test_a_client_that_pipelines_more_than_it_reads_gets_every_answer_in_order(run, start_server):
+    """Some 2 MiB of requests sent before reading a single answer: the server stops reading
+    while a line's worth waits and while the client does not read, yet loses nothing."""
+    db, token = run
+    server = start_server(db)
+    padding = "x" * 250
+    count = 6000
+    with Conn(server.address, token) as conn, Conn(server.address, token) as other:
+        lines = b"".join(json.dumps({"v": 1, "id": request_id, "op": "renew", "token": token,
+                                     "args": {"lease_token": padding}}).encode() + b"\n"
+                         for request_id in range(count))
+        sender = threading.Thread(target=conn.send, args=(lines,))
+        sender.start()
+        assert status(other)["totals"]["total"] == 3  # others are served meanwhile
+        answers = [conn.read() for _ in range(count)]
+        sender.join(10)
+    assert [answer["id"] for answer in answers] == list(range(count))
+    assert {answer["error"]["code"] for answer in answers} == {"LEASE_LOST"}
+
+
 def test_refusal_from_the_store_carries_the_id_and_keeps_the_connection(run, start_server):
     db, token = run
     server = start_server(db)
