@@ -73,6 +73,12 @@ CREATE INDEX IF NOT EXISTS experiments_leased
     ON experiments (config, lease_expires_at)
     WHERE status = 'STARTED';
 
+-- Leases by holder: "does this worker already hold a lease" on every claim, and a worker's
+-- release, as one seek however many leases are live (without it, both walk every live lease).
+CREATE INDEX IF NOT EXISTS experiments_lease_owner
+    ON experiments (lease_owner, config)
+    WHERE status = 'STARTED';
+
 -- Per-config counts for status and "is this config finished".
 CREATE INDEX IF NOT EXISTS experiments_config_status
     ON experiments (config, status);

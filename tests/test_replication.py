@@ -118,12 +118,12 @@ def test_a_bad_replica_is_a_clear_error_never_an_empty_database(run, tmp_path, k
 
 
 def test_under_litestream_the_server_leaves_checkpoints_to_it(tmp_path):
-    from sdm_peer.store import Store
+    from sdm_peer.store import WAL_CHECKPOINT_PAGES, Store
 
     replicated = Store(tmp_path / "a.db", replicated=True)
     alone = Store(tmp_path / "b.db")
     assert replicated.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
-    assert alone.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    assert alone.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES
     assert replicated.conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
     replicated.close()
     alone.close()

@@ -243,6 +243,38 @@ def test_claim_query_is_an_index_seek_at_100k_experiments(make_store):
     assert "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
 
 
+def sqlite_steps(store, call):
+    """SQLite virtual-machine steps (in hundreds) a store call takes: a count, not a timing."""
+    steps = [0]
+
+    def count():
+        steps[0] += 1
+    store.conn.set_progress_handler(count, 100)
+    try:
+        call()
+    finally:
+        store.conn.set_progress_handler(None, 0)
+    return steps[0]
+
+
+@pytest.mark.parametrize("transition", ["claim", "release"])
+def test_claim_and_release_do_not_walk_every_live_lease(make_store, transition):
+    """A claim checks whether its worker already holds a lease, a release finds the worker's
+    leases: with 4,000 live leases each must cost about what it costs with 4."""
+    store = make_store(grid([(2, 4)], 4_100))
+
+    def cost(live):
+        with store.batch():
+            for n in range(live):
+                store.claim(f"holder-{live}-{n}", 2, 4, now=T0, lease_seconds=LEASE)
+        if transition == "claim":
+            return sqlite_steps(store, lambda: store.claim(f"new-{live}", 2, 4, now=T0, lease_seconds=LEASE))
+        return sqlite_steps(store, lambda: store.release(now=T0, reason="test", worker_id=f"holder-{live}-0"))
+
+    few, many = cost(4), cost(4_000)
+    assert many <= 2 * few + 20, (few, many)
+
+
 def test_check_constraints_refuse_unknown_states(make_store):
     import sqlite3
 
