@@ -28,6 +28,7 @@ from pathlib import Path
 from .errors import BadInput
 from .overview import duration, event_text, finished, idle_text, overview, seconds_text
 from .rundir import write_token
+from .server import AUTH_TARPIT, AuthFailures
 from .store import Store
 from .view import hidden_summary, visible_configs
 
@@ -75,6 +76,8 @@ class Dashboard:
         self._store = None
         self._lock = threading.Lock()  # one read at a time on the one read-only connection
         self._thread = None
+        self.auth_failures = AuthFailures()  # the socket service's rule: guessers are slowed down
+        self._auth_lock = threading.Lock()  # requests are served on threads of their own
 
     @property
     def url(self):
@@ -110,6 +113,11 @@ class Dashboard:
         except http.cookies.CookieError:
             return False
         return cookie is not None and _same(cookie.value, self._view_token)
+
+    def over_allowance(self, address):
+        """Count one refused request from `address`; True once it is over its allowance."""
+        with self._auth_lock:
+            return self.auth_failures.record(address, time.monotonic())
 
     def sign_in(self, given):
         """The cookie for `?token=`, or the reason it is refused."""
@@ -153,7 +161,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._send(200, "text/html; charset=utf-8", page.encode())
 
     def _refuse(self, reason):
-        log.info("refused a dashboard request from %s: %s", self.client_address[0], reason)
+        """401, counted per address: past the allowance the answer waits AUTH_TARPIT and the
+        connection is closed, as on the socket service."""
+        address = self.client_address[0]
+        if self.server.dashboard.over_allowance(address):
+            time.sleep(AUTH_TARPIT)
+            self.close_connection = True
+            reason += "; too many failures from this address, slowed down"
+        log.info("refused a dashboard request from %s: %s", address, reason)
         body = (f"401 unauthorized: {reason}.\nSend 'Authorization: Bearer <token>', or open "
                 f"/?token=<read-only token> once in a browser (the token is in the file named in the "
                 f"server's output).\n")

@@ -214,6 +214,24 @@ def test_status_json_needs_the_token_and_equals_what_status_json_prints(run):
     assert token not in log and view not in log and "refused a dashboard request" in log
 
 
+def test_wrong_tokens_are_slowed_down_per_address_but_the_right_token_still_works(run):
+    init(run, shape_rows(A, 1))
+    server, url = start_dashboard_server(run)
+    try:
+        refusals = []
+        for attempt in range(23):
+            answer, body = get(url, "/status.json", {"Authorization": f"Bearer guess-{attempt}"})
+            assert answer.status == 401
+            refusals.append(body.decode())
+        assert not any("slowed down" in body for body in refusals[:20])
+        assert all("slowed down" in body for body in refusals[20:])
+        assert get(url, "/status.json", {"Authorization": f"Bearer {run_token(run)}"})[0].status == 200
+    finally:
+        server.terminate()
+        assert server.wait(timeout=15) == 0
+    assert "guess-" not in (run.path / "server.log").read_text()
+
+
 def test_dashboard_port_already_taken_is_a_clear_error_before_anything_serves(run):
     init(run, shape_rows(A, 1))
     with socket.socket() as taken:
