@@ -439,7 +439,10 @@ class Store:
             if not rows and lease_token is not None:
                 raise LeaseLost("this lease is no longer held: the experiment was taken back or finished")
             for row in rows:
-                self._interrupt(db, row, st.INTERRUPTED, now, reason=f"released: {reason}")
+                # A stopping worker cannot provision: a hand-off its release causes goes to
+                # whoever asks next, at once.
+                self._interrupt(db, dict(row, lease_owner=None), st.INTERRUPTED, now,
+                                reason=f"released: {reason}")
         return {"released": len(rows)}
 
     def _interrupt(self, db, row, outcome, now, *, reason):
@@ -536,12 +539,15 @@ class Store:
         return True, provision
 
     def _lease_next_waiting(self, db, owner, now):
+        """The next WAITING config's provisioning lease, held by `owner`; with no owner (None),
+        lapsed from the start, so that the next worker to ask takes it over."""
+        expires = now if owner is None else now + self.settings["provision_lease_seconds"]
         row = db.execute(
             f"""UPDATE configs SET state = '{st.PROVISIONING}', provision_owner = ?, provision_token = ?,
                     provision_expires_at = ?
                 WHERE id = (SELECT id FROM configs WHERE state = '{st.WAITING}' ORDER BY sequence LIMIT 1)
                 RETURNING name, cores, memory_gb, group_size, provision_token""",
-            (owner, secrets.token_urlsafe(18), now + self.settings["provision_lease_seconds"], )).fetchone()
+            (owner, secrets.token_urlsafe(18), expires)).fetchone()
         return self._provision(row)
 
     def _provision(self, row):

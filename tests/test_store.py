@@ -218,6 +218,22 @@ def test_lapsed_provisioning_lease_is_taken_over(make_store):
     assert claim(store, "w3", at=T0 + 105)["handoff_pending"] is False
 
 
+def test_a_release_that_finishes_a_config_hands_off_to_the_next_worker_that_asks(make_store):
+    """The releasing worker is stopping (SIGTERM, a preempted VM's shutdown script) and cannot
+    provision: the next config's lease is there for the next claim at once, not after it lapses."""
+    store = make_store(grid([(2, 4), (4, 8)], 1), provider="local", provision_lease_seconds=100,
+                       max_interruptions=1)
+    store.provisioned(store.acquire_provisioning("bootstrap", now=T0)["provision"]["provision_token"], now=T0)
+    claim(store, "w1")
+    assert store.release(worker_id="w1", reason="preempted", now=T0 + 1) == {"released": 1}
+    assert {c["name"]: c["state"] for c in store.status(now=T0 + 1)["configs"]}["c2-m4"] == "DONE"
+    taken = claim(store, "w2", at=T0 + 2)["provision"]
+    assert taken["config"] == "c4-m8"
+    assert [(e["config"], e["worker"]) for e in store.events(kind="handoff")] == [("c2-m4", "bootstrap"),
+                                                                                  ("c4-m8", None)]
+    assert [e["worker"] for e in store.events(kind="provision_takeover")] == ["w2"]
+
+
 def test_provider_none_hands_out_no_provisioning_leases(make_store):
     store = make_store(grid([(2, 4), (4, 8)], 1))
     assert store.acquire_provisioning("bootstrap", now=T0)["provision"] is None
