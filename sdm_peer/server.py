@@ -138,8 +138,15 @@ class Server:
 
     def _batch_done(self, loop, batch, outcome):
         try:
-            for (_, _, deliver), (ok, value) in zip(batch, outcome.result()):
-                deliver(ok, value)
+            try:
+                outcomes = outcome.result()
+            except Exception as exc:  # noqa: BLE001 - _run_batch answers failures itself; this is a last resort
+                outcomes = [(False, exc)] * len(batch)
+            for (_, _, deliver), (ok, value) in zip(batch, outcomes):
+                try:
+                    deliver(ok, value)
+                except Exception:  # noqa: BLE001 - one bad delivery must not hold up the others
+                    log.exception("could not deliver an answer")
         finally:
             if self._queued:
                 self._start_batch(loop)
@@ -173,11 +180,15 @@ class Server:
         try:
             request = protocol.parse_request(line)
             request_id = request.id
-            if not isinstance(request.token, str) or not hmac.compare_digest(request.token.encode(), self._token):
+            token = request.token.encode(errors="surrogatepass") if isinstance(request.token, str) else None
+            if token is None or not hmac.compare_digest(token, self._token):
                 self._refuse_authentication(connection, request_id)
                 return
         except protocol.RequestError as exc:
             connection.answer(protocol.encode_error(exc.request_id, exc.code, str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - answered, never fatal to the connection
+            connection.answer(self._encode_outcome(request_id, False, exc, connection.peer))
             return
         self._submit(request.op, request.args,
                      lambda ok, value: connection.answer(self._encode_outcome(request_id, ok, value, connection.peer)))
@@ -260,7 +271,7 @@ class Server:
                 return
             await asyncio.sleep(0.01)
         for connection in list(self._connections):
-            connection.close()
+            connection.transport.abort()  # a client that reads nothing must not hold up the stop
 
 
 class Connection(asyncio.Protocol):

@@ -300,6 +300,16 @@ def test_a_client_that_pipelines_more_than_it_reads_gets_every_answer_in_order(r
     assert {answer["error"]["code"] for answer in answers} == {"LEASE_LOST"}
 
 
+def test_a_token_that_is_not_valid_unicode_is_refused_and_the_connection_kept(run, start_server):
+    db, token = run
+    server = start_server(db)
+    with Conn(server.address, token) as conn:
+        conn.send(b'{"v": 1, "id": 5, "op": "status", "token": "\\ud800"}\n')
+        answer = conn.read()
+        assert answer["id"] == 5 and code_of(answer) == "UNAUTHORIZED"
+        assert status(conn)["totals"]["total"] == 3
+
+
 def test_refusal_from_the_store_carries_the_id_and_keeps_the_connection(run, start_server):
     db, token = run
     server = start_server(db)
