@@ -25,9 +25,7 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(tmp_path
 
     async def scenario():
         server = await started(Server(db, token, lease_seconds=30))
-        batches = []
-        run_batch = server._run_batch
-        server._run_batch = lambda requests: batches.append(len(requests)) or run_batch(requests)
+        batches = recording_batches(server)
         claims = await asyncio.gather(*(server._execute("claim", {"worker_id": f"w{i}", **SHAPE})
                                         for i in range(60)))
         # A stale token among the reports: its own answer is a refusal, the others' are not.
@@ -40,7 +38,7 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(tmp_path
         return batches, claims, outcomes
 
     batches, claims, outcomes = asyncio.run(scenario())
-    assert max(batches) > 1  # requests really were committed together
+    assert max(map(len, batches)) > 1  # requests really were committed together
     assert len({c["experiment"]["key"] for c in claims}) == 60
     assert isinstance(outcomes.pop(30), LeaseLost)
     assert [o["status"] for o in outcomes] == ["DONE"] * 60
@@ -97,3 +95,52 @@ def test_durable_mode_sets_synchronous_full(tmp_path, durable, expected):
         return level
 
     assert asyncio.run(scenario()) == expected
+
+
+def recording_batches(server):
+    """The sizes of the batches the server hands to its database thread, in order."""
+    batches = []
+    run_batch = server._run_batch
+    server._run_batch = lambda requests: batches.append([op for op, _ in requests]) or run_batch(requests)
+    return batches
+
+
+def test_renewals_wait_for_company_and_any_other_request_starts_the_batch_at_once(tmp_path):
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 10))
+
+    async def scenario():
+        # A gathering window far longer than the test: only another request can start the batch.
+        server = await started(Server(db, token, lease_seconds=30, renew_gather=3600))
+        claims = [await server._execute("claim", {"worker_id": f"w{i}", **SHAPE}) for i in range(3)]
+        batches = recording_batches(server)
+        renewals = [asyncio.ensure_future(server._execute("renew", {"lease_token": c["experiment"]["lease_token"]}))
+                    for c in claims]
+        await asyncio.sleep(0.2)
+        waiting = not any(renewal.done() for renewal in renewals)
+        status = await asyncio.wait_for(server._execute("status", {}), 10)
+        answers = await asyncio.wait_for(asyncio.gather(*renewals), 10)
+        await server._on_db(server._close_store)
+        return waiting, batches, status, answers
+
+    waiting, batches, status, answers = asyncio.run(scenario())
+    assert waiting  # renewals alone wait for company...
+    assert batches == [["renew", "renew", "renew", "status"]]  # ...and share the next request's commit
+    assert [answer["lease_seconds_left"] for answer in answers] == [30] * 3
+    assert status["totals"]["started"] == 3
+
+
+def test_renewals_alone_are_answered_after_the_gathering_window_in_one_batch(tmp_path):
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 10))
+
+    async def scenario():
+        server = await started(Server(db, token, lease_seconds=30, renew_gather=0.05))
+        claims = [await server._execute("claim", {"worker_id": f"w{i}", **SHAPE}) for i in range(5)]
+        batches = recording_batches(server)
+        answers = await asyncio.wait_for(asyncio.gather(*(
+            server._execute("renew", {"lease_token": c["experiment"]["lease_token"]}) for c in claims)), 10)
+        await server._on_db(server._close_store)
+        return batches, answers
+
+    batches, answers = asyncio.run(scenario())
+    assert batches == [["renew"] * 5]
+    assert len(answers) == 5
