@@ -304,6 +304,7 @@ class Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.busy = False  # a request is being answered
         self.writing_paused = False
+        self.taking = False  # inside _next_request: an answer given at once must not nest another
         self.last_request = time.monotonic()
 
     def connection_made(self, transport):
@@ -328,7 +329,17 @@ class Connection(asyncio.Protocol):
         self._next_request()
 
     def _next_request(self):
-        """Hand the next complete line to the server, unless one is being answered."""
+        """Hand the next complete line to the server, unless one is being answered. A request
+        answered at once (a refusal) is followed by the next one in this same loop."""
+        if self.taking:
+            return
+        self.taking = True
+        try:
+            self._take_lines()
+        finally:
+            self.taking = False
+
+    def _take_lines(self):
         while not (self.busy or self.writing_paused or self.transport.is_closing()):
             end = self.buffer.find(b"\n")
             if end >= protocol.MAX_LINE or (end < 0 and len(self.buffer) >= protocol.MAX_LINE):

@@ -300,6 +300,20 @@ def test_a_client_that_pipelines_more_than_it_reads_gets_every_answer_in_order(r
     assert {answer["error"]["code"] for answer in answers} == {"LEASE_LOST"}
 
 
+def test_thousands_of_bad_lines_in_one_packet_are_each_answered_in_order(run, start_server):
+    """Refusals are answered without waiting for the database: many in one buffer must not
+    nest one answer inside the next."""
+    db, token = run
+    server = start_server(db)
+    count = 5000
+    with Conn(server.address, token) as conn:
+        conn.send(b"".join(b'{"v": 1, "id": %d, "op": "no-such-op", "token": "t"}\n' % n for n in range(count)))
+        answers = [conn.read() for _ in range(count)]
+        assert [answer["id"] for answer in answers] == list(range(count))
+        assert {code_of(answer) for answer in answers} == {"BAD_REQUEST"}
+        assert status(conn)["totals"]["total"] == 3
+
+
 def test_a_token_that_is_not_valid_unicode_is_refused_and_the_connection_kept(run, start_server):
     db, token = run
     server = start_server(db)
