@@ -81,9 +81,20 @@ def stored_run(run):
 
 
 def delete_groups(settings, configs, api):
-    """Every config's managed group and template; the names of the configs whose group was there."""
+    """Every config's managed group and template that exists (two listings, then a deletion for
+    each one found: a study of thousands of configs has few left); the names of the configs whose
+    group was there. Only the run's own names are deleted, whatever else shares their prefix."""
     provider = gce.GceProvider(settings, None, api=api)  # deleting needs no token
-    return [name for name in configs if provider.delete_group({"config": name})]
+    groups, templates = api.group_names(gce.run_prefix(settings)), api.template_names(gce.run_prefix(settings))
+    removed = []
+    for config in configs:
+        name = gce.group_name(settings, config)
+        if groups is None or name in groups:  # None: not listed (a dry run), so by name
+            if provider.delete_group({"config": config}):
+                removed.append(config)
+        elif name in templates:  # left behind by a worker stopped between its group and its template
+            api.delete_template(name)
+    return removed
 
 
 def delete_database_vm(settings, api):

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -96,6 +97,7 @@ class FakeCompute(_Server):
         self._operation_faults = []  # [method, path regex, code, message, times left]
         self._ids = itertools.count(1000)
         self._lock = threading.Lock()
+        self._query = {}  # the query string of the request being answered
 
     # ------------------------------------------------------------ what tests ask for
 
@@ -113,11 +115,12 @@ class FakeCompute(_Server):
     # ------------------------------------------------------------ HTTP
 
     def handle(self, handler, method):
-        path = handler.path.split("?", 1)[0]
+        path, _, query = handler.path.partition("?")
         length = int(handler.headers.get("Content-Length") or 0)
         body = json.loads(handler.rfile.read(length)) if length else None
         with self._lock:
             self.requests.append((method, path, body))
+            self._query = urllib.parse.parse_qs(query)
             try:
                 status, payload = 200, self._route(method, path, body)
             except ApiError as exc:
@@ -192,6 +195,8 @@ class FakeCompute(_Server):
                 if on_insert:
                     on_insert(name, body)
             return operation
+        if method == "GET" and name is None:
+            return self._list(store, kind, where)
         if name not in store:
             raise ApiError(404, "notFound", f"The resource '{where}/{name}' was not found")
         if method == "GET":
@@ -206,6 +211,18 @@ class FakeCompute(_Server):
                     on_delete(name, deleted)
             return operation
         raise ApiError(405, "badRequest", f"{method} not allowed here")
+
+    def _list(self, store, kind, where):
+        """GET on a collection: every item, or those whose name the `name eq "RE2"` filter matches
+        whole (the only filter sdm-peer sends); one page."""
+        wanted = (self._query.get("filter") or [None])[0]
+        if wanted is not None:
+            found = re.fullmatch(r'name eq "(.*)"', wanted)
+            if not found:
+                raise ApiError(400, "invalid", f"fake: unsupported filter {wanted!r}")
+            pattern = re.compile(found.group(1))
+        items = [body for name, body in store.items() if wanted is None or pattern.fullmatch(name)]
+        return {"kind": f"compute#{kind[:-1]}List", "id": where, "items": items, "selfLink": f"{API}/{where}"}
 
     def _templates(self, method, project, body, path, name):
         def in_use(name):

@@ -112,14 +112,19 @@ def test_groups_go_first_then_once_the_replica_agrees_the_vm_then_the_firewall(c
 
 def test_what_is_gone_already_is_fine_and_stop_can_be_repeated(cloud_run, fake):
     serve_replicated(cloud_run)
-    fake.groups.pop("sdm-study1-c2-m4")
-    fake.templates.pop("sdm-study1-c2-m4")
+    fake.groups.pop("sdm-study1-c2-m4")  # its template was left behind
+    fake.groups["sdm-study1-c9-m9"] = {"name": "sdm-study1-c9-m9", "instanceTemplate": "sdm-study1-c9-m9"}  # not ours
     fake.firewalls.clear()
     first = stop(cloud_run)
     assert first.exit_code == 0, first.output
     assert "removed the group of c2-m8" in first.output and "c2-m4" not in first.output
-    assert {("DELETE", f"{GROUPS}/sdm-study1-c2-m4"), ("DELETE", f"{FIREWALLS}/{RULE}")} <= set(changes(fake))  # 404s
+    deleted = set(changes(fake))
+    assert ("DELETE", f"{TEMPLATES}/sdm-study1-c2-m4") in deleted  # the leftover template goes too
+    assert ("DELETE", f"{GROUPS}/sdm-study1-c2-m4") not in deleted  # listed first: no call for what is gone
+    assert list(fake.groups) == ["sdm-study1-c9-m9"]  # only the run's own configs' groups are deleted
+    assert ("DELETE", f"{FIREWALLS}/{RULE}") in deleted  # a 404
     assert f"firewall rule {RULE} was already gone" in first.output
+    fake.groups.clear()
     again = stop(cloud_run)  # every DELETE is a 404 now, and nothing is left to confirm
     assert again.exit_code == 0, again.output
     assert f"the database VM {VM} is already gone: nothing to confirm" in again.output
@@ -180,11 +185,13 @@ def test_dry_run_prints_every_call_and_changes_nothing(cloud_run, fake):
     before = (dict(fake.groups), dict(fake.templates), dict(fake.instances), dict(fake.firewalls))
     shown = stop(cloud_run, "--dry-run")
     assert shown.exit_code == 0, shown.output
-    calls = [tuple(line.split(" ")) for line in shown.output.splitlines() if line.startswith(("DELETE ", "GET "))]
+    calls = [line for line in shown.output.splitlines() if line.startswith(("DELETE ", "GET "))]
+    listed = 'filter=name eq "sdm\\-study1\\-.*"'
     assert calls == [
-        ("DELETE", f"{GROUPS}/sdm-study1-c2-m4"), ("DELETE", f"{TEMPLATES}/sdm-study1-c2-m4"),
-        ("DELETE", f"{GROUPS}/sdm-study1-c2-m8"), ("DELETE", f"{TEMPLATES}/sdm-study1-c2-m8"),
-        ("DELETE", f"{INSTANCES}/{VM}"), ("DELETE", f"{FIREWALLS}/{RULE}")]
+        f"GET {GROUPS}?{listed}", f"GET {TEMPLATES}?{listed}",  # what a real stop asks first
+        f"DELETE {GROUPS}/sdm-study1-c2-m4", f"DELETE {TEMPLATES}/sdm-study1-c2-m4",
+        f"DELETE {GROUPS}/sdm-study1-c2-m8", f"DELETE {TEMPLATES}/sdm-study1-c2-m8",
+        f"DELETE {INSTANCES}/{VM}", f"DELETE {FIREWALLS}/{RULE}"]
     assert f"would confirm that {cloud_run.replica} holds every result" in shown.output
     assert fake.requests == []
     assert (fake.groups, fake.templates, fake.instances, fake.firewalls) == before
@@ -214,8 +221,9 @@ def test_a_study_on_the_fake_cloud_stopped_half_way_leaves_nothing_and_its_resul
     cloud.requests.clear()
     stopped = stop(run)
     assert stopped.exit_code == 0, stopped.output
+    # c2-m8 never had a group (its config was still waiting): listed first, it costs no call.
     assert [path.rsplit("/", 1)[1] for _, path in changes(cloud)] == [
-        "sdm-run-c2-m4", "sdm-run-c2-m4", "sdm-run-c2-m8", "sdm-run-c2-m8", "sdm-run-db", "sdm-run-workers-to-db"]
+        "sdm-run-c2-m4", "sdm-run-c2-m4", "sdm-run-db", "sdm-run-workers-to-db"]
     assert cloud.groups == cloud.templates == cloud.instances == cloud.firewalls == {}
     wait_for(lambda: not cloud.vms.alive(), timeout=30, what="every VM stopped")
     replication.restore(replica, tmp_path / "results.db")

@@ -71,9 +71,14 @@ def slug(text):
     return "".join(ch if ch.isalnum() or ch == "-" else "p" if ch == "." else "-" for ch in text.lower())
 
 
+def run_prefix(settings):
+    """What the names of the run's resources start with."""
+    return f"sdm-{settings['run_name']}-"
+
+
 def group_name(settings, config):
     """The name of a config's instance template and of its managed instance group."""
-    return f"sdm-{settings['run_name']}-{slug(config)}"
+    return run_prefix(settings) + slug(config)
 
 
 def db_vm_name(settings):

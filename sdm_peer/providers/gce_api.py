@@ -113,6 +113,25 @@ class ComputeApi:
             raise provider_error(exc, what) from None
         return True
 
+    def group_names(self, prefix):
+        """The names of the zone's managed instance groups that start with `prefix`."""
+        return self._names("listing managed instance groups", self.groups.list,
+                           self.compute.ListInstanceGroupManagersRequest, prefix, zone=self.zone)
+
+    def template_names(self, prefix):
+        """The names of the project's instance templates that start with `prefix`."""
+        return self._names("listing instance templates", self.templates.list,
+                           self.compute.ListInstanceTemplatesRequest, prefix)
+
+    def _names(self, what, method, request_type, prefix, **where):
+        from google.api_core import exceptions
+
+        request = request_type(project=self.project, filter=f'name eq "{re.escape(prefix)}.*"', **where)
+        try:
+            return {item.name for item in self._retrying(what, method, request=request)}
+        except exceptions.GoogleAPICallError as exc:
+            raise provider_error(exc, what) from None
+
     def insert_firewall(self, body):
         return self._insert("firewall rule", body["name"], self.firewalls.insert_unary,
                             firewall_resource=self.compute.Firewall.from_json(json.dumps(body)))
@@ -225,6 +244,15 @@ class DryRunApi:
 
     def delete_instance(self, name):
         return self._show("DELETE", f"zones/{self.zone}/instances/{name}")
+
+    def group_names(self, prefix):
+        """Not known without asking: None (every config's group is then deleted by name)."""
+        self._show("GET", f"zones/{self.zone}/instanceGroupManagers?filter=name eq \"{re.escape(prefix)}.*\"")
+        return None
+
+    def template_names(self, prefix):
+        self._show("GET", f"global/instanceTemplates?filter=name eq \"{re.escape(prefix)}.*\"")
+        return None
 
     def insert_firewall(self, body):
         return self._show("POST", "global/firewalls", body)
