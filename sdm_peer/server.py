@@ -67,6 +67,10 @@ class Server:
         self.replicated, self.on_listening, self.clock = replicated, on_listening, clock
         self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdm-db")
         self._store = None
+        # `status` reads on a thread and read-only connection of its own: a whole-run overview
+        # (tens of milliseconds for a big study) never holds up the writer.
+        self._read_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdm-read")
+        self._read_store = None
         self._connections = set()  # Connection
         self._stopping = None
         self.ssl_context = ssl_context
@@ -109,8 +113,6 @@ class Server:
             return store.acquire_provisioning(args["owner"], now=now)
         if op == "group_deleted":
             return store.group_deleted(args["config"], now=now, worker_id=args.get("worker_id"))
-        if op == "status":
-            return overview(store, now=now, with_replication=False)  # never wait on Litestream here
         raise AssertionError(f"op {op!r} passed validation but has no handler")
 
     def _run_batch(self, requests):
@@ -131,12 +133,17 @@ class Server:
         return outcomes
 
     def _submit(self, op, args, deliver):
-        """Queue a request for the database thread; `deliver(ok, value)` gets its committed
-        outcome on the event loop. Requests queued while a batch commits form the next batch."""
+        """Queue a request for the database thread (`status`: for the read thread);
+        `deliver(ok, value)` gets its committed outcome on the event loop. Requests queued while
+        a batch commits form the next batch."""
+        loop = asyncio.get_running_loop()
+        if op == "status":
+            done = self._read_thread.submit(self._status)
+            done.add_done_callback(lambda outcome: loop.call_soon_threadsafe(_deliver_outcome, deliver, outcome))
+            return
         self._queued.append((op, args, deliver))
         if self._draining:
             return
-        loop = asyncio.get_running_loop()
         if op != "renew" or self.renew_gather <= 0:
             self._start_draining(loop)
         elif self._gathering is None:
@@ -186,6 +193,17 @@ class Server:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    def _status(self):
+        """The `status` op's answer (on the read thread)."""
+        if self._read_store is None:
+            self._read_store = Store(self.db_path, readonly=True)
+        return overview(self._read_store, now=self.clock(), with_replication=False)  # never wait on Litestream
+
+    def _close_read_store(self):
+        if self._read_store is not None:
+            self._read_store.close()
+            self._read_store = None
 
     async def _on_db(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, function, *args)
@@ -277,6 +295,8 @@ class Server:
             await self._finish_connections()
             await self._on_db(self._close_store)
             self._db_thread.shutdown(wait=True)
+            await loop.run_in_executor(self._read_thread, self._close_read_store)
+            self._read_thread.shutdown(wait=True)
             log.info("stopped")
 
     async def _finish_connections(self):
@@ -291,6 +311,16 @@ class Server:
             await asyncio.sleep(0.01)
         for connection in list(self._connections):
             connection.transport.abort()  # a client that reads nothing must not hold up the stop
+
+
+def _deliver_outcome(deliver, outcome):
+    """Hand a finished future's result, or its exception, to `deliver(ok, value)`."""
+    try:
+        value = outcome.result()
+    except Exception as exc:  # noqa: BLE001 - the request's own answer
+        deliver(False, exc)
+    else:
+        deliver(True, value)
 
 
 class Connection(asyncio.Protocol):

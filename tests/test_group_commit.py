@@ -3,6 +3,7 @@ answer, none before the commit, and a failed commit fails every request of its b
 
 import asyncio
 import sqlite3
+import threading
 
 import pytest
 
@@ -117,16 +118,16 @@ def test_renewals_wait_for_company_and_any_other_request_starts_the_batch_at_onc
                     for c in claims]
         await asyncio.sleep(0.2)
         waiting = not any(renewal.done() for renewal in renewals)
-        status = await asyncio.wait_for(server._execute("status", {}), 10)
+        claim = await asyncio.wait_for(server._execute("claim", {"worker_id": "w3", **SHAPE}), 10)
         answers = await asyncio.wait_for(asyncio.gather(*renewals), 10)
         await server._on_db(server._close_store)
-        return waiting, batches, status, answers
+        return waiting, batches, claim, answers
 
-    waiting, batches, status, answers = asyncio.run(scenario())
+    waiting, batches, claim, answers = asyncio.run(scenario())
     assert waiting  # renewals alone wait for company...
-    assert batches == [["renew", "renew", "renew", "status"]]  # ...and share the next request's commit
+    assert batches == [["renew", "renew", "renew", "claim"]]  # ...and share the next request's commit
     assert [answer["lease_seconds_left"] for answer in answers] == [30] * 3
-    assert status["totals"]["started"] == 3
+    assert claim["experiment"]["attempt"] == 1
 
 
 def test_renewals_alone_are_answered_after_the_gathering_window_in_one_batch(tmp_path):
@@ -144,3 +145,25 @@ def test_renewals_alone_are_answered_after_the_gathering_window_in_one_batch(tmp
     batches, answers = asyncio.run(scenario())
     assert batches == [["renew"] * 5]
     assert len(answers) == 5
+
+
+def test_status_is_read_beside_the_database_thread_never_behind_it(tmp_path):
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 10))
+
+    async def scenario():
+        server = await started(Server(db, token, lease_seconds=30))
+        await server._execute("claim", {"worker_id": "w1", **SHAPE})
+        batches = recording_batches(server)
+        writer_free = threading.Event()
+        busy = server._db_thread.submit(writer_free.wait, 30)  # the writer is tied up
+        try:
+            status = await asyncio.wait_for(server._execute("status", {}), 10)
+        finally:
+            writer_free.set()
+        busy.result()
+        await server._on_db(server._close_store)
+        return status, batches
+
+    status, batches = asyncio.run(scenario())
+    assert status["totals"]["started"] == 1 and status["totals"]["not_started"] == 9  # the committed state
+    assert batches == []  # no write transaction for a read
