@@ -26,11 +26,10 @@ def overview(store, *, now, with_replication=True):
     thread must not wait on it."""
     status = store.status(now=now)
     timings = store.timings(now=now, window=THROUGHPUT_WINDOW)
+    idle = {row["config"]: row for row in store.idle_accounting(now=now)}
     for config in status["configs"]:
         measured = timings["configs"].get(config["name"])
         config["mean_wall_seconds"] = measured["mean_wall_seconds"] if measured else None
-    idle = {row["config"]: row for row in store.idle_accounting(now=now)}
-    for config in status["configs"]:
         accounting = idle[config["name"]]
         config.update(workers_seen=accounting["workers"], worker_seconds=round(accounting["worker_seconds"], 1),
                       busy_seconds=round(accounting["busy_seconds"], 1), idle_fraction=accounting["idle_fraction"])

@@ -3,8 +3,8 @@
 From a run's database, read-only: PNG plots of wall time, and of every numeric `*_seconds`
 field the command put in its results (fit_seconds, predict_seconds, ...), against cores and
 against memory; for each, a table per shape (n, mean, median, p95); and the attempt history per
-shape (failures, preemptions, compute time lost to re-runs) and the workers' idle time per shape. Written as DIR/report.html with
-the PNGs beside it. matplotlib draws off-screen (Agg), without pyplot's global state."""
+shape (failures, preemptions, compute time lost to re-runs) and the workers' idle time per shape.
+Written as DIR/report.html with the PNGs beside it. matplotlib draws off-screen (Agg), without pyplot's global state."""
 
 import html
 import math
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import states as st
 from .errors import BadInput
-from .overview import seconds_text
+from .overview import idle_totals, seconds_text
 
 REPORT_FILE = "report.html"
 WALL = "wall_seconds"
@@ -24,7 +24,7 @@ TICKS_AT_VALUES = 12  # up to this many distinct cores (or memory) values, each 
 
 def write_report(store, out_dir, *, now=None):
     """Write OUT_DIR/report.html and its plots; return {"path", "plots", "results"}."""
-    out_dir = Path(out_dir)
+    out_dir, now = Path(out_dir), time.time() if now is None else now
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInput(f"{out_dir}: not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,11 +39,11 @@ def write_report(store, out_dir, *, now=None):
         image = plot_file_name(metric)
         plot(metric_label(metric), runs, shapes, out_dir / image)
         sections.append((metric, image, shapes))
-    status = store.status(now=now or time.time())
+    status = store.status(now=now)
     history = attempt_rows(store.attempt_history(), {c["name"]: c["failed"] for c in status["configs"]})
     page = render(sections, history, status["totals"], database=store.path, results=len(done),
                   generated=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
-                  idle=store.idle_accounting(now=now or time.time()))
+                  idle=store.idle_accounting(now=now))
     path = out_dir / REPORT_FILE
     temporary = path.with_name(path.name + ".partial")
     temporary.write_text(page)
@@ -234,9 +234,7 @@ def _history_row(row, css=""):
 
 
 def idle_table(idle):
-    """Per shape: workers seen, their hours alive and running a command, the idle share."""
-    from .overview import idle_totals
-
+    """Per shape: workers seen, their seconds alive and running a command, the idle share."""
     total = idle_totals(idle)
     rows = [(row["config"], row["workers"], row["worker_seconds"], row["busy_seconds"], row["idle_fraction"])
             for row in idle]

@@ -4,6 +4,7 @@ and in order; who may leave a group with nothing to claim."""
 from hypothesis import given, settings as hypothesis_settings, strategies
 
 from sdm_peer import states as st
+from sdm_peer.errors import LeaseLost
 
 from .conftest import LEASE, T0, grid
 
@@ -156,8 +157,8 @@ def test_prewarm_hands_off_each_config_once_and_in_order(tmp_path_factory, steps
                     store.complete(token, {}, 1.0, now=now)
                 else:
                     store.fail(token, "x", 1, 1.0, now=now)
-            except Exception:  # LeaseLost: it lapsed meanwhile
-                pass
+            except LeaseLost:
+                pass  # it lapsed meanwhile and was taken back
         handed = [event["config"] for event in store.events(kind="handoff")]
         assert handed == ["c2-m4", "c4-m8", "c8-m16"][:len(handed)]  # in order, each once
         # Configs start in plan order: no config has left WAITING while an earlier one waits.
