@@ -253,7 +253,7 @@ def test_server_start_extends_every_held_lease(make_store):
 def test_claim_query_is_an_index_seek_at_100k_experiments(make_store):
     store = make_store(grid([(2, 4), (4, 8)], 50_000))
     store.conn.execute("ANALYZE")
-    plan = " | ".join(store.explain_claim())
+    plan = " | ".join(store.query_plan("claim_next"))
     assert "USING COVERING INDEX experiments_claimable (config=?)" in plan or \
         "USING INDEX experiments_claimable (config=?)" in plan, plan
     assert "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
