@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import bootstrap as run_control
+from . import states as st
 from .cli import init_run
 from .errors import BadInput
 from .export import export
@@ -87,7 +88,7 @@ def _watch(store, console, started):
 
     status = overview(store, now=time.time(), with_replication=False)
     with Live(view(status), console=console, refresh_per_second=4, transient=False) as live:
-        while any(config["state"] != "DONE" for config in status["configs"]):
+        while any(config["state"] != st.CONFIG_DONE for config in status["configs"]):
             if time.monotonic() - started > TIMEOUT:
                 raise BadInput(f"the demo did not finish within {TIMEOUT:.0f}s", hint="see the logs in the run directory")
             time.sleep(0.25)
