@@ -48,7 +48,7 @@ def _sql_list(values):
 
 def _is(column, values):
     """`column = 'V'` for one value, `column IN ('V', ...)` for more: SQLite matches a partial
-    index's `WHERE status = 'STARTED'` only to the same `=` term, never to `IN ('STARTED')`."""
+    index's `WHERE status = 'V'` only to the same `=` term, never to `status IN ('V')`."""
     return f"{column} = {_sql_list(values)[1:-1]}" if len(values) == 1 else f"{column} IN {_sql_list(values)}"
 
 

@@ -259,6 +259,50 @@ def test_claim_query_is_an_index_seek_at_100k_experiments(make_store):
     assert "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
 
 
+# The statements every claim and report runs, and the index each must seek (None: its table's
+# own key). A full SCAN of experiments or attempts in any of them costs a walk per request.
+HOT_STATEMENTS = {
+    "config_of_shape": "sqlite_autoindex_configs_4",
+    "claim_next": "experiments_claimable",
+    "reissue": "experiments_lease_owner",  # held by this worker already?
+    "claim": None,
+    "expired_leases": "experiments_leased",
+    "expire": None,
+    "next_expiry": "experiments_leased",
+    "renew": "sqlite_autoindex_experiments_2",
+    "complete": "sqlite_autoindex_experiments_2",
+    "fail": "sqlite_autoindex_experiments_2",
+    "leases_of_token": "sqlite_autoindex_experiments_2",
+    "leases_of_worker": "experiments_lease_owner",
+    "release": None,
+    "attempt_end": "sqlite_autoindex_attempts_1",
+    "attempt_of_lease": "sqlite_autoindex_attempts_1",
+    "config_unfinished": "experiments_config_status",
+    "config_first_claim": None,
+    "config_finish": None,
+    "pending_provision": "configs_provisioning",
+    "worker_seen": None,
+    "worker_renewed": None,
+}
+
+
+def test_every_hot_statement_is_an_index_seek(make_store):
+    store = make_store(grid([(2, 4), (4, 8)], 2_000))
+    for n in range(200):  # some of every status, so that the statistics see a run under way
+        experiment = claim(store, f"w{n}")["experiment"]
+        if n % 2:
+            store.complete(experiment["lease_token"], {}, 1.0, now=T0 + 1)
+    store.conn.execute("ANALYZE")
+    for name, index in HOT_STATEMENTS.items():
+        plan = store.query_plan(name)
+        seeks = [line for line in plan if line.startswith("SEARCH")]
+        assert seeks, (name, plan)
+        assert not [line for line in plan if line.startswith("SCAN") and line != "SCAN CONSTANT ROW"], (name, plan)
+        assert not [line for line in plan if "TEMP B-TREE" in line], (name, plan)
+        if index is not None:
+            assert any(f"INDEX {index} (" in line for line in seeks), (name, plan)
+
+
 def sqlite_steps(store, call):
     """SQLite virtual-machine steps (in hundreds) a store call takes: a count, not a timing."""
     steps = [0]
