@@ -120,7 +120,8 @@ QUERIES = {
     "provision_made": "UPDATE configs SET provisioned_at = ?, provision_expires_at = NULL WHERE id = ?",
     "provision_extend": "UPDATE configs SET provision_expires_at = MAX(provision_expires_at, :now) + :seconds"
                         " WHERE provision_expires_at IS NOT NULL",
-    "configs_active": f"SELECT EXISTS (SELECT 1 FROM configs WHERE state IN {_sql_list((st.PROVISIONING, st.RUNNING))})",
+    "configs_active": f"SELECT EXISTS (SELECT 1 FROM configs"
+                      f" WHERE state IN {_sql_list((st.PROVISIONING, st.RUNNING))})",
     "config_state": "SELECT state FROM configs WHERE name = ?",
     # ------------------------------------------------------------ events
     "event_add": "INSERT INTO events (at, kind, config, worker, detail) VALUES (?, ?, ?, ?, ?)",
@@ -382,17 +383,14 @@ class Store:
         settings = settings or {}
         added_configs = added_experiments = 0
         with self._write() as db:
-            db.executemany(
-                SQL["setting_put"],
-                [(key, json.dumps(value)) for key, value in settings.items()])
+            db.executemany(SQL["setting_put"], [(key, json.dumps(value)) for key, value in settings.items()])
             group_size = self._setting(db, "group_size")
             config_ids = {}
             for config in plan.configs:
                 row = db.execute(SQL["config_of_shape"], (config.cores, config.memory_gb)).fetchone()
                 if row is None:
                     row = db.execute(
-                        SQL["config_add"],
-                        (config_name(config.cores, config.memory_gb), config.cores, config.memory_gb,
+                        SQL["config_add"], (config_name(config.cores, config.memory_gb), config.cores, config.memory_gb,
                          config.group_size or group_size)).fetchone()
                     self._event(db, now, "config_added", config_name(config.cores, config.memory_gb))
                     added_configs += 1
@@ -474,10 +472,9 @@ class Store:
         (an idle worker asks at least that often), holding no lease, not departed. A worker
         told to leave is recorded as departed in the same transaction, so two idle workers
         asking at once never both leave the reserve empty."""
-        idle = db.execute(
-            SQL["idle_workers"],
-            {"cores": config["cores"], "memory_gb": config["memory_gb"], "config": config["id"],
-             "since": now - self.settings["lease_seconds"]}).fetchone()[0]
+        idle = db.execute(SQL["idle_workers"], {"cores": config["cores"], "memory_gb": config["memory_gb"],
+                                                "config": config["id"],
+                                                "since": now - self.settings["lease_seconds"]}).fetchone()[0]
         if idle <= IDLE_RESERVE:
             return False
         db.execute(SQL["departure_add"], (worker_id, config["id"], now))
@@ -703,9 +700,8 @@ class Store:
         pending = self._pending_provision(db)
         if self.settings["provider"] == "none" or pending is None or pending > now:
             return None
-        row = db.execute(
-            SQL["provision_takeover"],
-            (owner, secrets.token_urlsafe(18), now + self.settings["provision_lease_seconds"], now)).fetchone()
+        row = db.execute(SQL["provision_takeover"], (owner, secrets.token_urlsafe(18),
+                                                     now + self.settings["provision_lease_seconds"], now)).fetchone()
         if row is not None:
             self._event(db, now, "provision_takeover", row["name"], owner)
         return self._provision(row)
@@ -747,9 +743,7 @@ class Store:
         from now. A database outage is not the workers' fault; their renewals could not land."""
         with self._write() as db:
             extended = len(self._move(db, "extend_leases", {"now": now, "seconds": seconds}, to=st.STARTED))
-            db.execute(
-                SQL["provision_extend"],
-                {"now": now, "seconds": self.settings["provision_lease_seconds"]})
+            db.execute(SQL["provision_extend"], {"now": now, "seconds": self.settings["provision_lease_seconds"]})
             self._event(db, now, "server_started", None, None, {"leases_extended": extended})
         return extended
 
@@ -817,9 +811,7 @@ class Store:
     def leases(self, *, now, limit=None):
         """Leases held now, the soonest to lapse first: which worker holds which experiment,
         seconds left (negative: lapsed, not yet taken back) and how long its attempt has run."""
-        rows = self.conn.execute(
-            SQL["leases"],
-            {"now": now, "limit": -1 if limit is None else limit}).fetchall()
+        rows = self.conn.execute(SQL["leases"], {"now": now, "limit": -1 if limit is None else limit}).fetchall()
         return [{**row, "seconds_left": round(row["seconds_left"], 1),
                  "running_seconds": round(row["running_seconds"], 1)} for row in map(dict, rows)]
 
