@@ -428,34 +428,6 @@ def test_client_that_disconnects_mid_line_does_not_disturb_the_server(run, start
 # ---------------------------------------------------------------- leases
 
 
-def test_lease_token_of_a_finished_experiment_is_lease_lost(run, start_server):
-    db, token = run
-    server = start_server(db)
-    with Conn(server.address, token) as conn:
-        lease = claim(conn)["lease_token"]
-        result_of(conn.ask("complete", lease_token=lease, result={}, wall_seconds=1))
-        assert code_of(conn.ask("renew", lease_token=lease)) == "LEASE_LOST"
-        assert code_of(conn.ask("release", lease_token=lease, reason="late")) == "LEASE_LOST"
-        assert code_of(conn.ask("fail", lease_token=lease, error="late", exit_code=1, wall_seconds=1)) \
-            == "LEASE_LOST"
-
-
-def test_expired_lease_taken_back_by_another_worker_is_lease_lost(tmp_path, start_server):
-    db, token = make_run(tmp_path / "run", grid([(2, 4)], 1))
-    server = start_server(db, lease_seconds=0.5)
-    with Conn(server.address, token) as conn:
-        old = claim(conn, "w1")
-        deadline = time.monotonic() + 10
-        while (new := claim(conn, "w2")) is None:
-            assert time.monotonic() < deadline, "the lapsed lease was never taken back"
-            time.sleep(0.1)
-        assert new["key"] == old["key"] and new["attempt"] == 2
-        assert code_of(conn.ask("renew", lease_token=old["lease_token"])) == "LEASE_LOST"
-        assert code_of(conn.ask("complete", lease_token=old["lease_token"], result={}, wall_seconds=1)) \
-            == "LEASE_LOST"
-        assert result_of(conn.ask("renew", lease_token=new["lease_token"]))["lease_seconds_left"] == 0.5
-
-
 def test_server_start_extends_held_leases(tmp_path, start_server):
     db, token = make_run(tmp_path / "run", grid([(2, 4)], 1))
     server = start_server(db, lease_seconds=2)
