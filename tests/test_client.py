@@ -17,6 +17,7 @@ from sdm_peer.errors import (BadInput, LeaseLost, NoSuchConfig, SdmPeerError, Se
 from sdm_peer.rundir import RunDir
 
 from .conftest import grid
+from .runs import free_port
 from .test_server import make_run, start_server  # noqa: F401  (start_server is a fixture)
 
 SHAPE = {"cores": 2, "memory_gb": 4}
@@ -109,11 +110,6 @@ def ok(result):
 def refuse(code, request_id=...):
     return lambda request, number: {"v": 1, "id": request["id"] if request_id is ... else request_id, "ok": False,
                                      "error": {"code": code, "message": f"refused with {code}"}}
-
-
-def free_port():
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -11,22 +11,14 @@ import time
 from sdm_peer import states as st
 from sdm_peer.bootstrap import bootstrap
 
-from .runs import (all_done, init, job_command, processes_of, sdm, shape_rows, start_server, start_worker, status,
-                   wait_for, with_store)
+from .runs import (all_done, attempts, experiments, free_port, init, job_command, processes_of, sdm, shape_rows,
+                   start_server, start_worker, status, wait_for, with_store)
 
 A, B, C = (1, 1), (1, 2), (2, 2)
 
 
-def attempts(run, key=None):
-    return with_store(run, lambda store: store.attempts(key))
-
-
 def events(run, kind):
     return with_store(run, lambda store: store.events(kind=kind))
-
-
-def experiments(run):
-    return with_store(run, lambda store: list(store.experiments()))
 
 
 def started_experiment(run):
@@ -250,12 +242,9 @@ def test_bootstrap_again_restarts_a_dead_server_and_changes_nothing_on_a_live_ru
 
 
 def test_bootstrap_can_start_the_dashboard_with_the_server(run, tmp_path):
-    import socket
     import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        http_port = probe.getsockname()[1]
+    http_port = free_port()
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(shape_rows(A, 2, 1, sleep=0.1)))
     started = sdm("bootstrap", "--plan", plan, "--provider", "local", "--dir", run.path, "--http-port", http_port,

@@ -6,11 +6,7 @@ from hypothesis import given, settings as hypothesis_settings, strategies
 from sdm_peer import states as st
 from sdm_peer.errors import LeaseLost
 
-from .conftest import LEASE, T0, grid
-
-
-def claim(store, worker, shape=(2, 4), at=T0):
-    return store.claim(worker, *shape, now=at, lease_seconds=LEASE)
+from .conftest import LEASE, T0, claim, grid
 
 
 def started(store, rows, **settings):

@@ -6,11 +6,7 @@ import pytest
 from sdm_peer import states as st
 from sdm_peer.errors import LeaseLost, NoSuchConfig
 
-from .conftest import LEASE, T0, grid
-
-
-def claim(store, worker="w1", shape=(2, 4), at=T0):
-    return store.claim(worker, *shape, now=at, lease_seconds=LEASE)
+from .conftest import LEASE, T0, claim, grid
 
 
 def row(store, key):

@@ -11,17 +11,10 @@ from sdm_peer import states as st
 from sdm_peer.errors import SdmPeerError
 from sdm_peer.worker import MAX_RESULT_BYTES, read_result
 
-from .runs import init, job_command, shape_rows, start_server, start_worker, wait_for, with_store
+from .runs import (attempts, experiments, init, job_command, shape_rows, start_server, start_worker, wait_for,
+                   with_store)
 
 A = (1, 1)
-
-
-def experiments(run):
-    return with_store(run, lambda store: list(store.experiments()))
-
-
-def attempts(run, key=None):
-    return with_store(run, lambda store: store.attempts(key))
 
 
 @pytest.fixture
