@@ -3,6 +3,7 @@ run against two backends: the Store itself, and a real server on 127.0.0.1 spoke
 real Client. Both run on a clock the test moves (the store takes `now`; the server `clock=`), so
 an expiry is a step of the clock, never a wait."""
 
+import asyncio
 import json
 import signal
 import sqlite3
@@ -86,9 +87,8 @@ class SocketBackend(Backend):
 
     def __init__(self, db, clock):
         super().__init__(db, clock)
-        server = Server(db, TOKEN, port=0, lease_seconds=LEASE, clock=clock,
-                        on_listening=lambda host, port: self._listening(host, port))
         self._listening_event, self._address, self._handlers = threading.Event(), None, {}
+        server = Server(db, TOKEN, port=0, lease_seconds=LEASE, clock=clock, on_listening=self._listening)
         self._thread = threading.Thread(target=self._serve, args=(server,), daemon=True)
         self._thread.start()
         assert self._listening_event.wait(20), "the server did not start listening"
@@ -99,8 +99,6 @@ class SocketBackend(Backend):
         self._listening_event.set()
 
     def _serve(self, server):
-        import asyncio
-
         loop = asyncio.new_event_loop()
         loop.add_signal_handler = lambda signum, callback: self._handlers.setdefault(signum, (loop, callback))
         try:
@@ -147,7 +145,21 @@ def make_run_db(tmp_path):
 
 
 class LeaseContract:
-    """One case per row of DESIGN §3's transition table. `backend(count, **settings)` makes one."""
+    """One case per row of DESIGN §3's transition table, against the backend class `opens`."""
+
+    opens = None
+
+    @pytest.fixture
+    def backend(self, make_run_db):
+        """backend(count, **settings): a backend on a new run of `count` experiments; closed at the end."""
+        made = []
+
+        def make(count, **settings):
+            made.append(self.opens(make_run_db(count, **settings), Clock()))
+            return made[-1]
+        yield make
+        for backend in made:
+            backend.close()
 
     # NOT STARTED, INTERRUPTED, ERROR --claim--> STARTED, new lease token, attempts+1
 
@@ -346,26 +358,8 @@ class LeaseContract:
 
 
 class TestStore(LeaseContract):
-    @pytest.fixture
-    def backend(self, make_run_db):
-        made = []
-
-        def make(count, **settings):
-            made.append(StoreBackend(make_run_db(count, **settings), Clock()))
-            return made[-1]
-        yield make
-        for backend in made:
-            backend.close()
+    opens = StoreBackend
 
 
 class TestSocket(LeaseContract):
-    @pytest.fixture
-    def backend(self, make_run_db):
-        made = []
-
-        def make(count, **settings):
-            made.append(SocketBackend(make_run_db(count, **settings), Clock()))
-            return made[-1]
-        yield make
-        for backend in made:
-            backend.close()
+    opens = SocketBackend
