@@ -22,6 +22,11 @@ def grid(shapes, per_config, **extra):
             for cores, memory in shapes for i in range(per_config)]
 
 
+def claim(store, worker="w1", shape=(2, 4), at=T0):
+    """A store-level claim at `at` with the tests' lease period."""
+    return store.claim(worker, *shape, now=at, lease_seconds=LEASE)
+
+
 @pytest.fixture
 def make_store(tmp_path):
     """A real SQLite store built from plan rows, with settings."""

@@ -6,11 +6,7 @@ from hypothesis import given, settings as hypothesis_settings, strategies
 from sdm_peer import states as st
 from sdm_peer.errors import LeaseLost
 
-from .conftest import LEASE, T0, grid
-
-
-def claim(store, worker, shape=(2, 4), at=T0):
-    return store.claim(worker, *shape, now=at, lease_seconds=LEASE)
+from .conftest import LEASE, T0, claim, grid
 
 
 def started(store, rows, **settings):
@@ -171,20 +167,23 @@ def test_prewarm_hands_off_each_config_once_and_in_order(tmp_path_factory, steps
 def test_a_worker_keeps_its_fresh_lease_alive_while_it_provisions_the_next_group(tmp_path):
     """With pre-warming one answer carries an experiment and a provisioning lease: creating a
     cloud group can outlast the lease period, so the lease is renewed meanwhile."""
-    import time
+    import threading
 
     from sdm_peer.worker import Worker
 
     calls = []
+    renewed_twice = threading.Event()
 
     class Client:
         def call(self, op, retry_seconds=None, **args):
             calls.append((op, args))
+            if [op for op, _ in calls].count("renew") >= 2:
+                renewed_twice.set()
             return {}
 
     class SlowProvider:
         def create_group(self, provision):
-            time.sleep(0.5)
+            assert renewed_twice.wait(10), "the lease was not renewed while the group was being made"
 
     worker = Worker(Client(), ["true"], worker_id="w1", cores=2, memory_gb=4, work_root=tmp_path,
                     provider_for=lambda settings: SlowProvider())

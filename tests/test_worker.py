@@ -11,17 +11,10 @@ from sdm_peer import states as st
 from sdm_peer.errors import SdmPeerError
 from sdm_peer.worker import MAX_RESULT_BYTES, read_result
 
-from .runs import init, job_command, shape_rows, start_server, start_worker, wait_for, with_store
+from .runs import (attempts, experiments, init, job_command, shape_rows, start_server, start_worker, wait_for,
+                   with_store)
 
 A = (1, 1)
-
-
-def experiments(run):
-    return with_store(run, lambda store: list(store.experiments()))
-
-
-def attempts(run, key=None):
-    return with_store(run, lambda store: store.attempts(key))
 
 
 @pytest.fixture
@@ -98,11 +91,14 @@ def test_idle_worker_waits_while_leases_are_live_and_exits_when_the_config_is_do
     busy = start_worker(run, A, job_command(tmp_path), worker_id="busy")
     wait_for(lambda: experiments(run)[0]["status"] == st.STARTED, what="a claim")
     idle = start_worker(run, A, job_command(tmp_path), worker_id="idle")
-    time.sleep(0.5)
-    assert idle.poll() is None  # waiting: the lease it might have to re-run is still live
     assert busy.wait(timeout=30) == 0
     assert idle.wait(timeout=30) == 0
-    assert [a["worker"] for a in attempts(run)] == ["busy"]
+    [attempt] = attempts(run)
+    assert attempt["worker"] == "busy"
+    # The idle one waited while the lease was live: it was still asking after the experiment was done.
+    last_seen = with_store(run, lambda store: store.conn.execute(
+        "SELECT last_seen FROM workers WHERE id = 'idle'").fetchone()[0])
+    assert last_seen >= attempt["ended_at"]
 
 
 def test_worker_of_an_unknown_shape_exits_with_a_clear_error(served, tmp_path):
