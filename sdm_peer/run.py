@@ -6,7 +6,6 @@ is not answering (on the port it had, so running workers find it again), makes s
 of running configs exist, and takes over a provisioning lease that lapsed. Where the server runs
 is the provider's business: unless it says otherwise (providers/base.py), on this machine."""
 
-import logging
 import signal
 import subprocess
 import sys
@@ -23,8 +22,6 @@ from .providers.base import GroupSpec, RunOptions, check_run, flag, provider_cla
 from .rundir import RunDir, read_token, resolve_token, token_path_for, write_token
 from .states import RUNNING
 from .store import Store
-
-log = logging.getLogger("sdm_peer.bootstrap")
 
 SERVER_START_TIMEOUT = 20.0
 SERVER_STOP_TIMEOUT = 15.0

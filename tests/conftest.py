@@ -74,8 +74,8 @@ def run(tmp_path):
     """A run directory whose processes are all gone when the test ends (else the test fails)."""
     from sdm_peer.providers.base import GroupSpec
     from sdm_peer.providers.local import LocalProvider
-    from sdm_peer.rundir import RunDir
     from sdm_peer.run import stop_server
+    from sdm_peer.rundir import RunDir
 
     from .runs import kill_all, processes_of
 

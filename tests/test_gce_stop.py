@@ -15,8 +15,8 @@ from sdm_peer.providers import gce
 from sdm_peer.providers.base import GroupSpec
 from sdm_peer.providers.gce import stop as gce_stop
 from sdm_peer.providers.gce.api import ComputeApi
-from sdm_peer.rundir import read_token
 from sdm_peer.run import ensure_server
+from sdm_peer.rundir import read_token
 from sdm_peer.store import Store
 
 from .fake_gce import FakeCompute

@@ -14,21 +14,18 @@
 Every step is idempotent, so running it again resumes. `--dry-run` prints every Compute Engine
 call instead and changes nothing. `--http-port` is refused: the database VM serves no dashboard."""
 
-import logging
 import time
 
 from ... import replication
 from ... import settings as settings_mod
 from ...client import Client
 from ...errors import BadInput, SdmPeerError, ServerUnavailable, SettingsError
-from ...rundir import RunDir, parse_address, read_token
 from ...run import Started, init_run, provision_groups, stored_settings
+from ...rundir import RunDir, parse_address, read_token
 from ...states import PROVISIONING, RUNNING, WAITING
 from ...store import Store, config_name
-from ..base import GroupSpec
 from .. import gce
-
-log = logging.getLogger("sdm_peer.bootstrap")
+from ..base import GroupSpec
 
 BOOT_TIMEOUT = 900.0  # seconds for a new database VM to install sdm-peer and serve
 POLL_SECONDS = 2.0

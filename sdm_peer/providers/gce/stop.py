@@ -22,8 +22,8 @@ from ...overview import finished
 from ...rundir import read_token
 from ...states import COUNT_FIELDS
 from ...store import Store
-from ..base import GroupSpec
 from .. import gce
+from ..base import GroupSpec
 from .bootstrap import client_answers, db_server_client
 
 REPLICA_WAIT = 120.0  # seconds the replica is given to catch up with the server
