@@ -316,6 +316,12 @@ class Store:
     def close(self):
         self.conn.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
     @contextlib.contextmanager
     def _write(self):
         """One write transaction; BEGIN IMMEDIATE takes the write lock up front so two

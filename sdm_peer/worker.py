@@ -22,6 +22,7 @@ from pathlib import Path
 from . import settings as settings_mod
 from .errors import BadInput, LeaseLost, ProviderError, SdmPeerError, ServerUnavailable
 from .failpoints import failpoint
+from .providers.base import GroupSpec
 
 log = logging.getLogger("sdm_peer.worker")
 
@@ -221,7 +222,7 @@ class Worker:
             return
         log.info("provisioning the group of %s", provision["config"])
         try:
-            provider.create_group(provision)
+            provider.create_group(GroupSpec.from_provision(provision))
         except ProviderError as exc:
             log.error("could not create the group of %s: %s", provision["config"], exc)
             return
@@ -238,7 +239,7 @@ class Worker:
         provider = self._provider()
         if provider is not None and self.own_group == config:
             try:
-                provider.leave_group({"config": config}, self.worker_id)
+                provider.leave_group(GroupSpec(config), self.worker_id)
             except ProviderError as exc:
                 log.error("could not leave the group of %s: %s", config, exc)
                 return False
@@ -266,7 +267,7 @@ class Worker:
             return
         self._call("group_deleted", config=config, worker_id=self.worker_id)
         try:
-            provider.delete_group({"config": config})
+            provider.delete_group(GroupSpec(config))
         except ProviderError as exc:
             log.error("could not delete the group of %s: %s", config, exc)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from sdm_peer import cloudinit
+from sdm_peer.providers.gce import cloudinit
 
 API = "https://www.googleapis.com/compute/v1"
 
@@ -252,6 +252,8 @@ class FakeCompute(_Server):
             raise ApiError(404, "notFound", f"The resource '{where}' was not found")
         group = self.groups[name]
         leaving = [url.rpartition("/")[2] for url in body["instances"]]
+        if body.get("skipInstancesOnValidationError"):  # as Compute Engine: non-members are skipped
+            leaving = [instance for instance in leaving if instance in group["_instances"]]
         for instance in leaving:
             if instance not in group["_instances"]:
                 raise ApiError(400, "invalid", f"instance {instance} is not a member of {where}")

@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from sdm_peer.cli import init_run
+from sdm_peer.run import init_run
+from sdm_peer.rundir import RunDir
 from sdm_peer.store import Store
 
 # The experiment command of the tests: its params say what it does.

@@ -15,9 +15,9 @@ import urllib.parse
 import pytest
 
 from sdm_peer import states as st
-from sdm_peer.bootstrap import stop
 from sdm_peer.dashboard import render_page, view_token_path_for, wall_time_chart
 from sdm_peer.overview import overview
+from sdm_peer.run import stop
 
 from .conftest import grid
 from .runs import init, job_command, sdm, shape_rows, status, wait_for, with_store
@@ -90,7 +90,7 @@ def test_dashboard_in_headless_chromium_shows_the_counts_while_a_study_runs(run,
     init(run, rows, provider="local", command=job_command(tmp_path), lease_seconds=5)
     server, url = start_dashboard_server(run)
     try:
-        from sdm_peer.bootstrap import bootstrap
+        from sdm_peer.run import bootstrap
 
         bootstrap(run)  # finds the server above answering; provisions the first group
 

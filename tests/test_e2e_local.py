@@ -9,7 +9,7 @@ import signal
 import time
 
 from sdm_peer import states as st
-from sdm_peer.bootstrap import bootstrap
+from sdm_peer.run import bootstrap
 
 from .runs import (all_done, attempts, experiments, free_port, init, job_command, processes_of, sdm, shape_rows,
                    start_server, start_worker, status, wait_for, with_store)

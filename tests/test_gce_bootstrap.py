@@ -6,7 +6,7 @@ import pytest
 from sdm_peer import replication
 from sdm_peer.client import Client
 from sdm_peer.errors import SdmPeerError
-from sdm_peer.gce_bootstrap import _newest_txid, provision_from_replica, wait_until_serving
+from sdm_peer.providers.gce.bootstrap import _newest_txid, provision_from_replica, wait_until_serving
 
 from .runs import free_port, init, shape_rows
 
@@ -15,8 +15,8 @@ class RecordingProvider:
     def __init__(self):
         self.created = []
 
-    def create_group(self, config):
-        self.created.append(config["config"])
+    def create_group(self, spec):
+        self.created.append(spec.name)
 
 
 @pytest.fixture

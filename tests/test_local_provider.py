@@ -3,9 +3,9 @@ with the run's token file instead of reading the run directory's server.json."""
 
 import json
 
-from sdm_peer.bootstrap import bootstrap
-from sdm_peer.providers import provider_for
+from sdm_peer.providers.base import provider_for
 from sdm_peer.providers.local import LocalProvider, Supervisor
+from sdm_peer.run import bootstrap
 
 from .runs import all_done, free_port, init, job_command, shape_rows, start_server, wait_for, with_store
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sdm_peer.cli import init_run
+from sdm_peer.run import init_run
 from sdm_peer.protocol import MAX_LINE
 from sdm_peer.rundir import read_token, token_path_for
 from sdm_peer.settings import validate
