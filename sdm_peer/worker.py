@@ -3,7 +3,8 @@
 Claims experiments for its own shape, runs COMMAND once per claim in a fresh working directory,
 renews the lease at a third of its period while the command runs, and reports. It never gives up
 on an unreachable server while it holds a result; it gives a lease back on SIGTERM; a provisioning
-lease in an answer makes it create the next group, and a finished config makes it remove its own.
+lease in an answer makes it create the next group (renewing that lease meanwhile), and a finished
+config makes it remove its own.
 With the `shrink` setting, a worker the server tells to leave (nothing to claim, enough idle
 peers) leaves its group and exits 0.
 """
@@ -138,7 +139,7 @@ class Worker:
             except OSError as exc:
                 self._report_failure(token, f"cannot start {self.command[0]!r}: {exc.strerror}", None, 0.0)
                 return
-            keeper = LeaseKeeper(self.client, token, self.lease_seconds * settings_mod.RENEW_FRACTION)
+            keeper = LeaseKeeper(self.client, self.lease_seconds, lease_token=token)
             keeper.start()
             try:
                 while process.poll() is None and not (self.stopping.is_set() or keeper.lost.is_set()):
@@ -213,18 +214,23 @@ class Worker:
         return self.provider_for(self.settings) if self.provider_for else None
 
     def provision(self, provision):
-        """Create the next config's group, then say so. If this fails or the worker dies, the
-        provisioning lease lapses and the next one to ask takes it over."""
+        """Create the next config's group, then say so. The provisioning lease is renewed while
+        the group is created (on the cloud that can outlast a lease period); if creating fails or
+        the worker dies, the lease lapses and the next one to ask takes it over."""
         provider = self._provider()
         if provider is None:
             log.warning("given the provisioning of %s but no provider is configured here", provision["config"])
             return
         log.info("provisioning the group of %s", provision["config"])
+        keeper = LeaseKeeper(self.client, provision["lease_seconds_left"], provision_token=provision["provision_token"])
+        keeper.start()
         try:
             provider.create_group(provision)
         except ProviderError as exc:
             log.error("could not create the group of %s: %s", provision["config"], exc)
             return
+        finally:
+            keeper.stop()
         failpoint("after_create_group")
         try:
             self._call("provisioned", provision_token=provision["provision_token"], worker_id=self.worker_id)
@@ -251,7 +257,7 @@ class Worker:
         if experiment is None:
             self.provision(provision)
             return
-        keeper = LeaseKeeper(self.client, experiment["lease_token"], self.lease_seconds * settings_mod.RENEW_FRACTION)
+        keeper = LeaseKeeper(self.client, self.lease_seconds, lease_token=experiment["lease_token"])
         keeper.start()
         try:
             self.provision(provision)
@@ -272,19 +278,21 @@ class Worker:
 
 
 class LeaseKeeper(threading.Thread):
-    """Renews one lease every `interval` seconds until stopped; sets `lost` on LEASE_LOST.
-    An unreachable server is retried until the next renewal is due, then tried again."""
+    """Renews one lease, an experiment's (`lease_token=`) or a provisioning lease
+    (`provision_token=`), at RENEW_FRACTION of its `period` until stopped; sets `lost` on
+    LEASE_LOST. An unreachable server is retried until the next renewal is due, then tried again."""
 
-    def __init__(self, client, token, interval):
+    def __init__(self, client, period, **lease):
         super().__init__(daemon=True, name="lease-keeper")
-        self.client, self.token, self.interval = client, token, interval
+        self.client, self.lease = client, lease
+        self.interval = period * settings_mod.RENEW_FRACTION
         self.lost = threading.Event()
         self._done = threading.Event()
 
     def run(self):
         while not self._done.wait(self.interval):
             try:
-                self.client.call("renew", retry_seconds=self.interval, lease_token=self.token)
+                self.client.call("renew", retry_seconds=self.interval, **self.lease)
             except LeaseLost:
                 self.lost.set()
                 return
