@@ -13,7 +13,6 @@ read-only view token (`DB.view-token`, made at start, mode 0600). A browser open
 of the address bar. The run's own token is never taken in a URL (URLs end up in histories and
 logs), and no URL is logged with its query."""
 
-import hmac
 import html
 import http.cookies
 import http.server
@@ -25,10 +24,10 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from . import auth
 from .errors import BadInput
 from .overview import duration, event_text, finished, idle_text, overview, seconds_text
 from .rundir import write_token
-from .server import AUTH_TARPIT, AuthFailures
 from .store import Store
 from .view import hidden_summary, visible_configs
 
@@ -49,10 +48,6 @@ SECURITY_HEADERS = {
 
 def view_token_path_for(db_path):
     return Path(str(db_path) + ".view-token")
-
-
-def _same(given, secret):
-    return hmac.compare_digest(given.encode(), secret.encode())
 
 
 class Dashboard:
@@ -76,8 +71,7 @@ class Dashboard:
         self._store = None
         self._lock = threading.Lock()  # one read at a time on the one read-only connection
         self._thread = None
-        self.auth_failures = AuthFailures()  # the socket service's rule: guessers are slowed down
-        self._auth_lock = threading.Lock()  # requests are served on threads of their own
+        self.throttle = auth.Throttle()  # the socket service's rule: guessers are slowed down
 
     @property
     def url(self):
@@ -106,25 +100,20 @@ class Dashboard:
         scheme, _, credential = (headers.get("Authorization") or "").partition(" ")
         credential = credential.strip()
         if scheme.lower() == "bearer" and credential and (
-                _same(credential, self._token) or _same(credential, self._view_token)):
+                auth.matches(credential, self._token) or auth.matches(credential, self._view_token)):
             return True
         try:
             cookie = http.cookies.SimpleCookie(headers.get("Cookie") or "").get(COOKIE)
         except http.cookies.CookieError:
             return False
-        return cookie is not None and _same(cookie.value, self._view_token)
-
-    def over_allowance(self, address):
-        """Count one refused request from `address`; True once it is over its allowance."""
-        with self._auth_lock:
-            return self.auth_failures.record(address, time.monotonic())
+        return cookie is not None and auth.matches(cookie.value, self._view_token)
 
     def sign_in(self, given):
         """The cookie for `?token=`, or the reason it is refused."""
-        if _same(given, self._view_token):
+        if auth.matches(given, self._view_token):
             return (f"{COOKIE}={self._view_token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={COOKIE_MAX_AGE}"
                     + ("; Secure" if self.scheme == "https" else "")), None
-        if _same(given, self._token):
+        if auth.matches(given, self._token):
             return None, f"the run's token is not taken in a URL; use the read-only token in {self.view_token_file}"
         return None, "wrong token"
 
@@ -161,13 +150,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._send(200, "text/html; charset=utf-8", page.encode())
 
     def _refuse(self, reason):
-        """401, counted per address: past the allowance the answer waits AUTH_TARPIT and the
+        """401, counted per address: past the allowance the answer waits auth.TARPIT and the
         connection is closed, as on the socket service."""
         address = self.client_address[0]
-        if self.server.dashboard.over_allowance(address):
-            time.sleep(AUTH_TARPIT)
+        if self.server.dashboard.throttle.failure(address):
+            time.sleep(auth.TARPIT)  # this request's own thread: the tarpit holds up only the guesser
             self.close_connection = True
-            reason += "; too many failures from this address, slowed down"
+            reason += f"; {auth.THROTTLED}"
         log.info("refused a dashboard request from %s: %s", address, reason)
         body = (f"401 unauthorized: {reason}.\nSend 'Authorization: Bearer <token>', or open "
                 f"/?token=<read-only token> once in a browser (the token is in the file named in the "
