@@ -22,6 +22,7 @@ from .providers.base import GroupSpec, RunOptions, check_run, flag, provider_cla
 from .rundir import RunDir, read_token, resolve_token, token_path_for, write_token
 from .states import RUNNING
 from .store import Store
+from .worker import LeaseKeeper
 
 SERVER_START_TIMEOUT = 20.0
 SERVER_STOP_TIMEOUT = 15.0
@@ -274,7 +275,8 @@ def provision_groups(client, provider, *, owner="bootstrap", echo=None):
             provider.create_group(GroupSpec.from_config(config))
     provision = client.call("acquire_provisioning", owner=owner)["provision"]
     if provision is not None:
-        provider.create_group(GroupSpec.from_provision(provision))
+        with LeaseKeeper.of_provision(client, provision):  # creating a cloud group can outlast the lease
+            provider.create_group(GroupSpec.from_provision(provision))
         client.call("provisioned", provision_token=provision["provision_token"], worker_id=owner)
         if echo:
             echo(f"provisioned the group of {provision['config']}")

@@ -413,6 +413,14 @@ class Store:
         return {"configs_added": added_configs, "experiments_added": added_experiments,
                 "configs_reopened": len(reopened)}
 
+    def set_lease_seconds(self, seconds):
+        """Make `seconds` the run's lease period (the `lease_seconds` setting): a server started
+        with another period stores it, so the period it grants and the settings agree."""
+        with self._write() as db:
+            db.execute("INSERT INTO settings (key, value) VALUES ('lease_seconds', ?)"
+                       " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (json.dumps(seconds),))
+        self.settings = self.load_settings()
+
     def _setting(self, db, key):
         row = db.execute(SQL["setting"], (key,)).fetchone()
         return json.loads(row["value"]) if row else settings_mod.DEFAULTS.get(key)

@@ -93,13 +93,14 @@ class ServerProcess:
 
 @pytest.fixture
 def start_server(tmp_path):
-    """start_server(db, *options, port=0, lease_seconds=2, run_dir=None) -> ServerProcess."""
+    """start_server(db, *options, port=0, lease_seconds=2, run_dir=None) -> ServerProcess
+    (lease_seconds=None: no --lease-seconds, the run's setting)."""
     started = []
 
     def start(db=None, *options, port=0, lease_seconds=2, run_dir=None):
         target = ["--dir", str(run_dir)] if run_dir is not None else ["--db", str(db)]
-        argv = [sys.executable, "-m", "sdm_peer", "serve", *target, "--port", str(port),
-                "--lease-seconds", str(lease_seconds), *options]
+        lease = [] if lease_seconds is None else ["--lease-seconds", str(lease_seconds)]
+        argv = [sys.executable, "-m", "sdm_peer", "serve", *target, "--port", str(port), *lease, *options]
         server = ServerProcess(argv, tmp_path / f"server{len(started)}.log")
         started.append(server)
         return server
@@ -244,6 +245,22 @@ def test_hello_answers_lease_seconds_and_settings_without_the_token(tmp_path, st
     assert answer["settings"]["command"] == ["python", "fit.py"] and answer["settings"]["max_failures"] == 5
     assert not [key for key in answer["settings"] if "token" in key]
     assert token.encode() not in conn.raw[0]
+
+
+def test_lease_seconds_given_to_serve_becomes_the_runs_setting_and_hello_agrees(tmp_path, start_server):
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 1), lease_seconds=60)
+    server = start_server(db, lease_seconds=7.5)
+    with Conn(server.address, token) as conn:
+        changed = result_of(conn.ask("hello", worker_id="w1", **SHAPE))
+    assert changed["lease_seconds"] == changed["settings"]["lease_seconds"] == 7.5
+    server.stop()
+    assert server.log().count("lease period changed from 60s to 7.5s") == 1
+    # Started again without --lease-seconds, it serves the stored period, and says nothing.
+    again = start_server(db, lease_seconds=None)
+    with Conn(again.address, token) as conn:
+        kept = result_of(conn.ask("hello", worker_id="w1", **SHAPE))
+    assert kept["lease_seconds"] == kept["settings"]["lease_seconds"] == 7.5
+    assert "lease period changed" not in again.log()
 
 
 def test_claim_renew_complete_and_status_on_one_connection_echo_request_ids(run, start_server):
