@@ -326,11 +326,12 @@ def work(server, run_dir, token_file, tls_ca, cores, memory_gb, worker_id, work_
 
     if (cores is None) != (memory_gb is None):
         raise BadInput("give both --cores and --memory-gb, or neither")
-    own_group = os.environ.get("SDM_GROUP")
+    own_group, vm_facts = os.environ.get("SDM_GROUP"), None
     if from_metadata:
         vm, client = metadata_client(tls_ca, retry_seconds=None)
         cores, memory_gb, worker_id, own_group, token = (vm["cores"], vm["memory_gb"], vm["worker_id"], vm["config"],
                                                          vm["token"])
+        vm_facts = {"cpu_platform": vm.get("cpu_platform")}
     else:
         client = server_client(server, run_dir, token_file, retry_seconds=None, tls_ca=tls_ca)
         token = run_token(run_dir, token_file)
@@ -341,7 +342,7 @@ def work(server, run_dir, token_file, tls_ca, cores, memory_gb, worker_id, work_
     worker = Worker(client, list(command) or None, worker_id=worker_id or default_worker_id(), cores=cores,
                     memory_gb=memory_gb, work_root=work_dir or (Path(run_root) / "work" if run_root else "sdm-work"),
                     provider_for=lambda settings: providers.provider_for(settings, run_root, token=token),
-                    own_group=own_group)
+                    own_group=own_group, vm_facts=vm_facts)
     with contextlib.closing(client):
         status = worker.run()
     sys.exit(status)

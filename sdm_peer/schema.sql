@@ -98,6 +98,16 @@ CREATE TABLE IF NOT EXISTS attempts (
     exit_code    INTEGER,
     error        TEXT,
     result       TEXT CHECK (result IS NULL OR json_valid(result)),
+    -- Where it ran (DESIGN §9), as the worker reported with its outcome: the CPU model, the CPUs
+    -- it had ("0-1"), how it was confined (cgroup, affinity, none), the hypervisor's steal time
+    -- on those CPUs, the command's peak memory; on a cloud VM its CPU platform and boot-to-first-claim.
+    host_cpu_model              TEXT,
+    host_cpus                   TEXT,
+    host_confinement            TEXT,
+    host_steal_seconds          REAL,
+    host_max_rss_mb             REAL,
+    host_cpu_platform           TEXT,
+    host_boot_to_claim_seconds  REAL,
     UNIQUE (experiment, number)
 );
 

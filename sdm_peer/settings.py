@@ -51,6 +51,15 @@ def _provider(value):
     return value
 
 
+def _confine(value):
+    """How the local provider confines each command to its shape (DESIGN §9)."""
+    from .confine import CONFINEMENTS
+
+    if value not in CONFINEMENTS:
+        raise ValueError("one of " + ", ".join(CONFINEMENTS))
+    return value
+
+
 def _command(value):
     """A command is an argument list; a string is split as a shell would, but never run by one."""
     if isinstance(value, str):
@@ -123,6 +132,8 @@ SCHEMA = {
     # Cost (issue 9): hand off the next group at the last claim; idle workers leave their group.
     "prewarm": _boolean,
     "shrink": _boolean,
+    # Measurement (issue 17): each local command on CPUs of its own, with its shape's memory.
+    "confine": _confine,
     # Google Cloud (issue: GCE provider).
     "project": _project,
     "zone": _zone,
@@ -148,6 +159,7 @@ DEFAULTS = {
     "max_interruptions": 10,
     "prewarm": False,
     "shrink": False,
+    "confine": "auto",
 }
 
 

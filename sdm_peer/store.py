@@ -22,9 +22,9 @@ import sqlite_utils
 
 from . import settings as settings_mod
 from . import states as st
-from .errors import LeaseLost, NoSuchConfig, SdmPeerError
+from .errors import BadInput, LeaseLost, NoSuchConfig, SdmPeerError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 NOT_HELD = "this lease is no longer held: the experiment was taken back or finished"
 BUSY_TIMEOUT_MS = 10_000
 WAL_CHECKPOINT_PAGES = 4000  # 16 MiB of WAL between automatic checkpoints (SQLite's default: 1000)
@@ -55,6 +55,17 @@ def _is(column, values):
 UNFINISHED_SQL = _sql_list(st.UNFINISHED)
 UNSUCCESSFUL_SQL = _sql_list(st.UNSUCCESSFUL)
 IS_STARTED = _is("status", (st.STARTED,))
+
+# Where an attempt ran (DESIGN §9): the `host` object of complete/fail, field -> column type.
+HOST_FIELDS = {"cpu_model": "TEXT", "cpus": "TEXT", "confinement": "TEXT", "steal_seconds": "REAL",
+               "max_rss_mb": "REAL", "cpu_platform": "TEXT", "boot_to_claim_seconds": "REAL"}
+HOST_COLUMNS = tuple(f"host_{name}" for name in HOST_FIELDS)
+_SET_HOST = "".join(f", {column} = :{column}" for column in HOST_COLUMNS)
+
+# Schema version -> what brings a file of an earlier version to it, before schema.sql is
+# re-applied (whose CREATE ... IF NOT EXISTS adds tables and indexes, never columns).
+UPGRADE_TO_HOSTS = 5
+UPGRADES = {UPGRADE_TO_HOSTS: [f"ALTER TABLE attempts ADD COLUMN {column} {HOST_FIELDS[column[5:]]}" for column in HOST_COLUMNS]}
 
 # Every statement that reads or writes rows, by name (procrastinate's named queries): a method
 # runs `SQL[name]`, and a test can EXPLAIN QUERY PLAN each hot one. Statements that move rows
@@ -97,12 +108,13 @@ QUERIES = {
                        f" WHERE lease_token = ? AND {IS_STARTED}",
     "leases_of_worker": f"SELECT id, config, lease_token, lease_owner FROM experiments"
                         f" WHERE lease_owner = ? AND {IS_STARTED}",
-    "attempt_end": "UPDATE attempts SET outcome = ?, ended_at = ?, wall_seconds = ?, exit_code = ?, error = ?"
-                   " WHERE lease_token = ? AND outcome IS NULL RETURNING worker",
+    "attempt_end": f"""UPDATE attempts SET outcome = :outcome, ended_at = :now, wall_seconds = :wall,
+                       exit_code = :exit_code, error = :error{_SET_HOST}
+                   WHERE lease_token = :token AND outcome IS NULL RETURNING worker""",
     "attempt_of_lease": "SELECT a.outcome, e.status FROM attempts a JOIN experiments e ON e.id = a.experiment"
                         " WHERE a.lease_token = ?",
-    "attempt_lost": "UPDATE attempts SET outcome = ?, wall_seconds = ?, exit_code = ?, error = ?, result = ?"
-                    " WHERE lease_token = ?",
+    "attempt_lost": f"""UPDATE attempts SET outcome = :outcome, wall_seconds = :wall, exit_code = :exit_code,
+                        error = :error, result = :result{_SET_HOST} WHERE lease_token = :token""",
     # ------------------------------------------------------------ configs and hand-off
     # Named statuses, not NOT IN: a seek per status in experiments_config_status, instead of a
     # walk over every finished row of the config.
@@ -142,6 +154,10 @@ QUERIES = {
     "experiments": """SELECT e.key, c.name AS config, c.cores, c.memory_gb, e.status, e.attempts, e.failures,
                           e.interruptions, e.wall_seconds, e.failed_reason, e.params, e.result
                    FROM experiments e JOIN configs c ON c.id = e.config ORDER BY c.sequence, e.id""",
+    # Per experiment, where its latest ended attempt ran (export's host_* columns, the report's flags).
+    "experiment_hosts": f"""SELECT e.key, {", ".join("a." + column for column in HOST_COLUMNS)}
+                        FROM attempts a JOIN experiments e ON e.id = a.experiment
+                        WHERE a.id IN (SELECT MAX(id) FROM attempts WHERE outcome IS NOT NULL GROUP BY experiment)""",
     "leases": f"""SELECT e.key, c.name AS config, e.lease_owner AS worker, a.number AS attempt,
                      e.lease_expires_at - :now AS seconds_left, :now - a.claimed_at AS running_seconds
               FROM experiments e JOIN configs c ON c.id = e.config JOIN attempts a ON a.lease_token = e.lease_token
@@ -306,12 +322,22 @@ class Store:
         if readonly and version == 0:  # an older version reads fine: schema changes only add
             self.conn.close()
             raise SdmPeerError(f"{path}: not an sdm-peer database")
+        self.version = version
         if not readonly and version != SCHEMA_VERSION:
             with self._write():
+                for statement in self._upgrades(version):
+                    self.conn.execute(statement)
                 for statement in _statements(schema_sql()):
                     self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.version = SCHEMA_VERSION
         self.settings = self.load_settings()
+
+    def _upgrades(self, version):
+        """The UPGRADES statements a file of `version` (0: a new file, schema.sql makes it) needs."""
+        if version == 0:
+            return []
+        return [statement for to, statements in sorted(UPGRADES.items()) if to > version for statement in statements]
 
     def close(self):
         self.conn.close()
@@ -546,7 +572,7 @@ class Store:
             db.execute(SQL["worker_renewed"], (now, row["lease_owner"]))
         return {"lease_seconds_left": lease_seconds}
 
-    def complete(self, lease_token, result, wall_seconds, *, now):
+    def complete(self, lease_token, result, wall_seconds, *, now, host=None):
         if not isinstance(result, dict):
             raise SdmPeerError("a result must be a JSON object")
         result_json = json.dumps(result)
@@ -555,17 +581,18 @@ class Store:
                                                 "token": lease_token}, to=st.DONE)
             if not moved:
                 refusal = self._late_report(db, lease_token, st.DONE, now, wall_seconds=wall_seconds,
-                                            exit_code=0, result=result_json)
+                                            exit_code=0, result=result_json, host=host)
             else:
                 refusal = None
-                worker = self._end_attempt(db, lease_token, st.DONE, now, wall_seconds=wall_seconds, exit_code=0)
+                worker = self._end_attempt(db, lease_token, st.DONE, now, wall_seconds=wall_seconds, exit_code=0,
+                                           host=host)
                 self._seen(db, worker, now)
                 config_done, provision = self._finish_if_complete(db, moved[0]["config"], now, worker)
         if refusal is not None:
             return self._refuse_or_repeat(refusal)
         return {"status": st.DONE, "config_done": config_done, "provision": provision}
 
-    def fail(self, lease_token, error, exit_code, wall_seconds, *, now):
+    def fail(self, lease_token, error, exit_code, wall_seconds, *, now, host=None):
         """The command failed: ERROR (retried later) or FAILED once `max_failures` is reached."""
         error = (error or "")[-ERROR_TAIL_CHARS:]
         max_failures = self.settings["max_failures"]
@@ -574,11 +601,11 @@ class Store:
                                             "now": now, "token": lease_token}, to=st.ERROR, gave_up=st.FAILED)
             if not moved:
                 refusal = self._late_report(db, lease_token, st.ERROR, now, wall_seconds=wall_seconds,
-                                            exit_code=exit_code, error=error)
+                                            exit_code=exit_code, error=error, host=host)
             else:
                 refusal = None
                 worker = self._end_attempt(db, lease_token, st.ERROR, now, wall_seconds=wall_seconds,
-                                           exit_code=exit_code, error=error)
+                                           exit_code=exit_code, error=error, host=host)
                 self._seen(db, worker, now)
                 config_done, provision = self._finish_if_complete(db, moved[0]["config"], now, worker)
         if refusal is not None:
@@ -646,8 +673,9 @@ class Store:
             return {"status": attempt["status"], "duplicate": True}
         if attempt["outcome"] == st.EXPIRED:
             db.execute(SQL["attempt_lost"],
-                       (st.LOST, report.get("wall_seconds"), report.get("exit_code"),
-                        report.get("error"), report.get("result"), lease_token))
+                       {"outcome": st.LOST, "wall": report.get("wall_seconds"), "exit_code": report.get("exit_code"),
+                        "error": report.get("error"), "result": report.get("result"), "token": lease_token,
+                        **_host_row(report.get("host"))})
         return LeaseLost("this lease is no longer held: the lease lapsed and the experiment was "
                          "taken back; the report is kept in its attempt row")
 
@@ -658,11 +686,13 @@ class Store:
         return {**refusal, "config_done": False, "provision": None}
 
     @staticmethod
-    def _end_attempt(db, lease_token, outcome, now, *, wall_seconds=None, exit_code=None, error=None):
-        """Record how an attempt ended; returns the worker that made it."""
+    def _end_attempt(db, lease_token, outcome, now, *, wall_seconds=None, exit_code=None, error=None, host=None):
+        """Record how an attempt ended (and where it ran); returns the worker that made it."""
         if outcome not in st.OUTCOMES:
             raise st.IllegalTransition(f"no attempt outcome {outcome!r}")
-        ended = db.execute(SQL["attempt_end"], (outcome, now, wall_seconds, exit_code, error, lease_token)).fetchone()
+        ended = db.execute(SQL["attempt_end"], {"outcome": outcome, "now": now, "wall": wall_seconds,
+                                                "exit_code": exit_code, "error": error, "token": lease_token,
+                                                **_host_row(host)}).fetchone()
         if ended is None:
             raise st.IllegalTransition("an attempt ended twice")
         return ended["worker"]
@@ -802,11 +832,18 @@ class Store:
         return [dict(row) for row in rows]
 
     def experiments(self):
-        """Every experiment with its config's name, params and result decoded, in run order."""
+        """Every experiment with its config's name, params and result decoded, in run order, and
+        the host_* fields of its latest ended attempt (None before one ended, or in a file from
+        before they were recorded, opened read-only)."""
+        hosts = {} if self.version < UPGRADE_TO_HOSTS else {
+            row["key"]: dict(row) for row in self.conn.execute(SQL["experiment_hosts"])}
+        nothing = dict.fromkeys(HOST_COLUMNS)
         rows = sqlite_utils.Database(self.conn).query(SQL["experiments"])
         for row in rows:
+            host = hosts.get(row["key"], nothing)
             yield {**row, "memory_gb": _number(row["memory_gb"]), "params": json.loads(row["params"]),
-                   "result": json.loads(row["result"]) if row["result"] is not None else None}
+                   "result": json.loads(row["result"]) if row["result"] is not None else None,
+                   **{column: host[column] for column in HOST_COLUMNS}}
 
     def integrity_check(self):
         """SQLite's own check of the file: ["ok"] when the database is sound."""
@@ -913,6 +950,17 @@ def idle_fraction(worker_seconds, busy_seconds):
     if worker_seconds <= 0:
         return None
     return round(max(0.0, 1.0 - busy_seconds / worker_seconds), 4)
+
+
+def _host_row(host):
+    """The host_* columns from a report's `host` object: its known fields, each a string or a
+    number (fields a newer worker sends and this version does not know are left out)."""
+    host = host or {}
+    for name, value in host.items():
+        if name in HOST_FIELDS and not (value is None or isinstance(value, (str, int, float))
+                                        and not isinstance(value, bool)):
+            raise BadInput(f"host field {name!r} must be a string or a number")
+    return {f"host_{name}": host.get(name) for name in HOST_FIELDS}
 
 
 def _last_line(text):

@@ -19,7 +19,9 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
+from . import confine
 from . import settings as settings_mod
 from .errors import BadInput, LeaseLost, ProviderError, SdmPeerError, ServerUnavailable
 from .failpoints import failpoint
@@ -53,13 +55,16 @@ def default_worker_id():
 
 class Worker:
     def __init__(self, client, command, *, worker_id, cores, memory_gb, work_root, provider_for=None,
-                 own_group=None):
+                 own_group=None, vm_facts=None):
         """`provider_for(settings)` returns the provider that creates and deletes groups (or None);
-        `own_group` names the group this worker belongs to, if a provider started it."""
+        `own_group` names the group this worker belongs to, if a provider started it; `vm_facts`
+        (on a cloud VM) what each attempt records of the VM, e.g. its `cpu_platform`."""
         self.client, self.command = client, command
         self.worker_id, self.cores, self.memory_gb = worker_id, cores, memory_gb
         self.work_root = Path(work_root).absolute()
         self.provider_for, self.own_group = provider_for, own_group
+        self.vm_facts = vm_facts
+        self.confiner = None
         self.stopping = threading.Event()
         self.stopped_at = None
         self.settings = {}
@@ -85,6 +90,7 @@ class Worker:
             raise BadInput("no command to run", hint="give one after `--`, or set `command` in the run settings")
         log.info("worker %s (%s cores, %s GB) for config %s", self.worker_id, self.cores, self.memory_gb,
                  hello["config"])
+        self.confiner = confine.Confiner.for_settings(self.settings, self.cores, self.memory_gb, self.work_root)
         idle = IDLE_BACKOFF[0]
         while not self.stopping.is_set():
             answer = self._call("claim", **shape)
@@ -93,6 +99,8 @@ class Worker:
             if answer["provision"]:
                 self.provision_holding(answer["provision"], answer["experiment"])
             if answer["experiment"]:
+                if self.vm_facts is not None and "boot_to_claim_seconds" not in self.vm_facts:
+                    self.vm_facts["boot_to_claim_seconds"] = confine.uptime_seconds()
                 self.run_experiment(answer["experiment"])
                 idle = IDLE_BACKOFF[0]
                 continue
@@ -130,39 +138,52 @@ class Worker:
         params_file.write_text(json.dumps(experiment["params"]))
         env = {**os.environ, "SDM_EXPERIMENT_KEY": experiment["key"], "SDM_PARAMS": json.dumps(experiment["params"]),
                "SDM_PARAMS_FILE": str(params_file), "SDM_RESULT_FILE": str(result_file),
-               "SDM_ATTEMPT": str(experiment["attempt"]), "SDM_WORKDIR": str(workdir)}
+               "SDM_ATTEMPT": str(experiment["attempt"]), "SDM_WORKDIR": str(workdir),
+               **confine.shape_environment(self.cores, self.memory_gb, os.environ)}
         log.info("running %s (attempt %s) in %s", experiment["key"], experiment["attempt"], workdir)
+        # The lease is kept from here: waiting for free CPUs counts as holding the experiment.
+        with LeaseKeeper(self.client, self.lease_seconds, lease_token=token) as keeper:
+            with self.confiner.placed(lambda: self.stopping.is_set() or keeper.lost.is_set()) as placement:
+                ended = None if placement is None else self._run_command(workdir, env, placement, keeper)
+        if keeper.lost.is_set():
+            log.warning("lease on %s lost: the command was stopped", experiment["key"])
+        elif ended is None:
+            self._release(token)
+        elif ended.status == 0:
+            self._report_success(token, result_file, ended.wall, ended.host)
+        else:
+            self._report_failure(token, ended.error, ended.status, ended.wall, ended.host)
+
+    def _run_command(self, workdir, env, placement, keeper):
+        """Run the command where `placement` says; how it ended, or None when it was stopped
+        (SIGTERM, or the lease was lost)."""
         started = time.monotonic()
         with open(workdir / "stdout.log", "wb") as out, open(workdir / "stderr.log", "wb") as err:
             try:
+                # Between fork and exec the child enters its cgroup or sets its affinity: system
+                # calls only, and this thread is the only one that forks.
                 process = subprocess.Popen(self.command, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                           stdout=out, stderr=err, start_new_session=True)
-            except OSError as exc:
-                self._report_failure(token, f"cannot start {self.command[0]!r}: {exc.strerror}", None, 0.0)
-                return
-            keeper = LeaseKeeper(self.client, self.lease_seconds, lease_token=token)
-            keeper.start()
-            try:
-                while process.poll() is None and not (self.stopping.is_set() or keeper.lost.is_set()):
-                    try:
-                        process.wait(POLL)
-                    except subprocess.TimeoutExpired:
-                        pass
-            finally:
-                interrupted = process.poll() is None
-                if interrupted:
-                    _terminate(process)
-                keeper.stop()
+                                           stdout=out, stderr=err, start_new_session=True,
+                                           preexec_fn=placement.preexec)
+            except (OSError, subprocess.SubprocessError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else exc
+                return Ended(None, 0.0, self._host(placement), f"cannot start {self.command[0]!r}: {why}")
+            usage = None
+            while usage is None and not (self.stopping.is_set() or keeper.lost.is_set()):
+                usage = _wait_with_usage(process, POLL)
+            if usage is None:
+                _terminate(process)
+                return None
         wall = time.monotonic() - started
-        if keeper.lost.is_set():
-            log.warning("lease on %s lost: the command was stopped", experiment["key"])
-        elif interrupted:
-            self._release(token)
-        elif process.returncode == 0:
-            self._report_success(token, result_file, wall)
-        else:
-            tail = _tail(workdir / "stderr.log")
-            self._report_failure(token, tail or f"exited with status {process.returncode}", process.returncode, wall)
+        error = None
+        if process.returncode != 0:
+            # Killed at its memory limit, the command is told so, not left with a bare exit 137.
+            error = "\n".join(filter(None, (placement.oom_error(), _tail(workdir / "stderr.log"))))
+            error = error or f"exited with status {process.returncode}"
+        return Ended(process.returncode, wall, self._host(placement, usage), error)
+
+    def _host(self, placement, usage=None):
+        return {**placement.facts(usage), **(self.vm_facts or {})}
 
     def _fresh_workdir(self, experiment):
         """RUNDIR/work/KEY/attempt-N, never one that exists: after a database restore an
@@ -176,16 +197,16 @@ class Worker:
             workdir.mkdir()
         return workdir
 
-    def _report_success(self, token, result_file, wall):
+    def _report_success(self, token, result_file, wall, host):
         try:
             result = read_result(result_file)
         except SdmPeerError as exc:
-            self._report_failure(token, str(exc), 0, wall)
+            self._report_failure(token, str(exc), 0, wall, host)
             return
-        self._report("complete", lease_token=token, result=result, wall_seconds=wall)
+        self._report("complete", lease_token=token, result=result, wall_seconds=wall, host=host)
 
-    def _report_failure(self, token, error, exit_code, wall):
-        self._report("fail", lease_token=token, error=error, exit_code=exit_code, wall_seconds=wall)
+    def _report_failure(self, token, error, exit_code, wall, host):
+        self._report("fail", lease_token=token, error=error, exit_code=exit_code, wall_seconds=wall, host=host)
 
     def _report(self, op, **args):
         """Report an outcome; keep trying while the server is away: the result must not be lost."""
@@ -271,6 +292,15 @@ class Worker:
             log.error("could not delete the group of %s: %s", config, exc)
 
 
+class Ended(NamedTuple):
+    """How a command ended: its exit status (None: it never started), wall seconds, where it
+    ran, and the error to report when the status is not 0."""
+    status: int | None
+    wall: float
+    host: dict
+    error: str | None
+
+
 class LeaseKeeper(threading.Thread):
     """Renews one lease, an experiment's (`lease_token=`) or a provisioning lease
     (`provision_token=`), at RENEW_FRACTION of its `period` until stopped; sets `lost` on
@@ -330,6 +360,21 @@ def read_result(path):
 
 def _refuse_non_finite(constant):
     raise ValueError(f"{constant} is not a JSON number (write null instead)")
+
+
+def _wait_with_usage(process, timeout):
+    """Wait up to `timeout` seconds for the command to end; its resource usage (wait4) once it
+    has, else None. The usage is this command's alone (its peak memory where no cgroup counts it)."""
+    deadline, delay = time.monotonic() + timeout, 0.0005
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return usage
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _terminate(process):

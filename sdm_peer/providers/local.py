@@ -43,6 +43,20 @@ class LocalProvider(Provider):
             raise SettingsError("the local provider needs the run directory (SDM_RUN_DIR or --dir)")
         return cls(run_dir, server=settings.get("server"))
 
+    @classmethod
+    def check_run(cls, settings, shapes):
+        """A shape bigger than this machine is refused, unless the run goes unconfined; so is
+        `confine=cgroup` where no cgroup tree is writable."""
+        from ..confine import Layout, refuse_bigger_than_machine
+
+        confine = settings.get("confine", "auto")
+        refuse_bigger_than_machine(shapes, confine)
+        if confine == "cgroup":
+            layout, why = Layout.detect()
+            if layout is None:
+                raise SettingsError(f"confine=cgroup, but no writable cgroup tree here: {why}",
+                                    hint="--set confine=auto uses CPU affinity where cgroups cannot be made")
+
     def group_dir(self, name):
         return self.run.groups / name
 

@@ -65,8 +65,17 @@ def attribute(key):
 
 
 def worker_identity():
-    """The worker's name, server, token, config and shape, as the gce provider set them."""
+    """The worker's name, server, token, config and shape, as the gce provider set them, and the
+    VM's CPU platform (what each attempt records of where it ran)."""
     memory = float(attribute(MEMORY_KEY))
     return {"worker_id": read("instance/name"), "server": attribute(SERVER_KEY), "token": attribute(TOKEN_KEY),
             "config": attribute(CONFIG_KEY), "cores": int(attribute(CORES_KEY)),
-            "memory_gb": int(memory) if memory.is_integer() else memory}
+            "memory_gb": int(memory) if memory.is_integer() else memory, "cpu_platform": cpu_platform()}
+
+
+def cpu_platform():
+    """The VM's CPU platform ("Intel Cascade Lake", ...), or None where the server has none."""
+    try:
+        return read("instance/cpu-platform")
+    except SdmPeerError:
+        return None
