@@ -65,7 +65,7 @@ _SET_HOST = "".join(f", {column} = :{column}" for column in HOST_COLUMNS)
 # Schema version -> what brings a file of an earlier version to it, before schema.sql is
 # re-applied (whose CREATE ... IF NOT EXISTS adds tables and indexes, never columns).
 UPGRADE_TO_HOSTS = 5
-UPGRADES = {UPGRADE_TO_HOSTS: [f"ALTER TABLE attempts ADD COLUMN {column} {HOST_FIELDS[column[5:]]}" for column in HOST_COLUMNS]}
+UPGRADES = {UPGRADE_TO_HOSTS: [f"ALTER TABLE attempts ADD COLUMN host_{name} {kind}" for name, kind in HOST_FIELDS.items()]}
 
 # Every statement that reads or writes rows, by name (procrastinate's named queries): a method
 # runs `SQL[name]`, and a test can EXPLAIN QUERY PLAN each hot one. Statements that move rows

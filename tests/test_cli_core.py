@@ -26,6 +26,7 @@ SDM_PEER = shutil.which("sdm-peer", path=str(Path(sys.executable).parent)) or "s
 REQUIRED_COUNTS = ["total", "not_started", "started", "done", "error", "interrupted", "failed", "legacy"]
 REQUIRED_CONFIG = ["name", "cores", "memory_gb", "state", *REQUIRED_COUNTS]
 
+# A 4-core shape: with provider=local these runs go unconfined (confine=none), whatever this machine's size.
 CSV_PLAN = """cores,memory_gb,species,alpha,n
 2,4,oak,0.5,3
 2,4,pine,1e-3,4
@@ -85,7 +86,7 @@ def csv_plan(cli_env):
 def db(cli_env, csv_plan):
     """A run initialised from the CSV plan, with one experiment done, one running, one in error."""
     path = cli_env / "run.db"
-    assert invoke("init", path, "--plan", csv_plan, "--set", "provider=local").exit_code == 0
+    assert invoke("init", path, "--plan", csv_plan, "--set", "provider=local", "--set", "confine=none").exit_code == 0
     store = Store(path)
     try:
         now = time.time()
@@ -178,7 +179,7 @@ def test_init_over_a_file_that_is_not_a_database_is_a_clear_error(cli_env, csv_p
 
 def test_init_again_with_the_same_plan_adds_nothing_and_changes_nothing(cli_env, csv_plan, db):
     before = dump(db)
-    for extra in ([], ["--set", "provider=local"]):
+    for extra in ([], ["--set", "provider=local", "--set", "confine=none"]):
         result = invoke("init", db, "--plan", csv_plan, *extra)
         assert result.exit_code == 0, result.output
         assert "0 experiments added in 0 new configs" in result.stdout
@@ -292,7 +293,8 @@ def test_unreadable_plan_is_refused(cli_env):
 
 def test_unknown_setting_is_refused_with_the_valid_keys(cli_env, csv_plan, db):
     raw, tables = db.read_bytes(), dump(db)
-    result = invoke("init", db, "--plan", csv_plan, "--set", "provider=local", "--set", "lease_secs=30")
+    result = invoke("init", db, "--plan", csv_plan, "--set", "provider=local", "--set", "confine=none",
+                    "--set", "lease_secs=30")
     assert result.exit_code == 2
     line = error_line(result)
     assert "'lease_secs'" in line
@@ -314,12 +316,13 @@ def test_bad_setting_value_is_refused_and_writes_nothing(cli_env, csv_plan, assi
 
 def test_settings_are_stored_typed(cli_env, csv_plan):
     settings_file = cli_env / "run.toml"
-    settings_file.write_text('provider = "local"\nlease_seconds = 30\n')
+    settings_file.write_text('provider = "local"\nconfine = "none"\nlease_seconds = 30\n')
     result = invoke("init", "run.db", "--plan", csv_plan, "--settings", settings_file, "--set", "max_failures=5",
                     "--max-interruptions", 7, "--set", "command=python sim.py --fast")
     assert result.exit_code == 0, result.output
     stored = {row["key"]: json.loads(row["value"]) for row in rows(cli_env / "run.db", "SELECT * FROM settings")}
-    assert stored == {"provider": "local", "lease_seconds": 30, "max_failures": 5, "max_interruptions": 7,
+    assert stored == {"provider": "local", "confine": "none", "lease_seconds": 30, "max_failures": 5,
+                      "max_interruptions": 7,
                       "command": ["python", "sim.py", "--fast"]}
 
 
@@ -436,7 +439,8 @@ def run_command(*args, cwd):
 
 def test_installed_command_inits_reports_and_refuses(tmp_path):
     (tmp_path / "plan.csv").write_text(CSV_PLAN)
-    first = run_command("init", "run.db", "--plan", "plan.csv", "--set", "provider=local", cwd=tmp_path)
+    first = run_command("init", "run.db", "--plan", "plan.csv", "--set", "provider=local", "--set", "confine=none",
+                        cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "4 experiments added in 2 new configs" in first.stdout
     assert stat.S_IMODE((tmp_path / "run.db.token").stat().st_mode) == 0o600

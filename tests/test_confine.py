@@ -194,3 +194,28 @@ def test_the_shape_environment_keeps_thread_counts_the_user_set():
 def test_cpu_lists_read_and_write_as_the_kernel_does():
     assert cpu_list({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
     assert parse_cpu_list("0-2,5,7-8\n") == {0, 1, 2, 5, 7, 8}
+
+
+def test_a_database_from_before_host_columns_reads_and_upgrades(tmp_path):
+    import sqlite3
+
+    from sdm_peer.store import HOST_COLUMNS, Store
+
+    path = tmp_path / "old.db"
+    Store(path).close()
+    with sqlite3.connect(path) as conn:  # the file as version 4 wrote it: no host_* columns
+        for column in HOST_COLUMNS:
+            conn.execute(f"ALTER TABLE attempts DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version = 4")
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO configs (name, cores, memory_gb, sequence, group_size) VALUES ('c1-m1', 1, 1, 1, 1)")
+        conn.execute("INSERT INTO experiments (key, config) VALUES ('k', 1)")
+    with Store(path, readonly=True) as store:  # read as it is: host fields empty
+        (row,) = store.experiments()
+        assert row["host_cpus"] is None
+    with Store(path) as store:  # opened for writing, it gains the columns
+        claimed = store.claim(worker_id="w", cores=1, memory_gb=1, now=1.0, lease_seconds=60)["experiment"]
+        store.complete(claimed["lease_token"], {}, 1.5, now=2.0, host={"cpus": "1", "confinement": "cgroup",
+                                                                         "steal_seconds": 0.0, "novel": [1]})
+        (row,) = store.experiments()
+    assert (row["host_cpus"], row["host_confinement"], row["host_steal_seconds"]) == ("1", "cgroup", 0.0)
