@@ -200,16 +200,20 @@ def export(db, run_dir, out):
 @database_options
 @click.option("--out", required=True, type=click.Path(),
               help="Directory for report.html and its plots (made if missing).")
-def report(db, run_dir, out):
+@click.option("--by", "by", multiple=True, metavar="PARAM",
+              help="Plot and fit each value of this parameter separately (repeatable: each combination).")
+def report(db, run_dir, out, by):
     """The study's answer: OUT/report.html with PNG plots of wall time (and of the results'
-    `*_seconds` fields) against cores and memory, a table per shape (n, mean, median, p95) and
-    the attempt history (failures, preemptions, compute lost to re-runs). Reads only."""
+    `*_seconds` fields) against cores and memory and as a cores × memory heatmap, a table per
+    shape (n, mean, median, p95), a fitted scaling curve time = a · cores^b · (1 + c/memory),
+    where the attempts ran, and the attempt history (failures, preemptions, compute lost to
+    re-runs). Reads only."""
     from .report import write_report
     from .store import Store
 
     exactly_one(("--db", db), ("--dir", run_dir))
     with Store(database_path(db, run_dir), readonly=True) as store:
-        written = write_report(store, out)
+        written = write_report(store, out, by=by)
     click.echo(f"{written['path']}: {written['results']:,} results, {len(written['plots'])} plots"
                + ("" if written["results"] else " (no results yet)"))
 
