@@ -3,8 +3,8 @@
 `http.server` in its own thread, reading through its own read-only SQLite connection (WAL lets
 it read beside the server's writer), so the socket service's event loop and database thread
 never wait on it, and SQLite itself refuses it any write. Two pages: `/`, HTML that refreshes
-itself (per-config progress, leases, recent events, a chart of mean wall time per shape drawn
-here as inline SVG: no script, no CDN, works offline); and `/status.json`, the object
+itself (per-config progress, leases, recent events, a cores × memory heatmap of mean wall time per shape
+drawn here as inline SVG: no script, no CDN, works offline); and `/status.json`, the object
 `status --json` prints.
 
 Access (DESIGN §5): `Authorization: Bearer <token>`, with the run's token or the dashboard's
@@ -200,7 +200,7 @@ tr.all td {{ border-top: 1px solid #999; font-weight: 600; }}
 .kind-error {{ color: #b00020; }} .kind-expired, .kind-interrupted, .kind-lost {{ color: #a86b00; }}
 .lapsed, .replica-error {{ color: #b00020; }} .replica-late {{ color: #a86b00; }} .muted {{ color: #777; }}
 ul.events {{ list-style: none; padding: 0; }} ul.events li {{ margin: .15em 0; }}
-svg text {{ font: 11px system-ui, sans-serif; fill: #333; }} svg .bar-rect {{ fill: #4682b4; }}
+svg text {{ font: 11px system-ui, sans-serif; fill: #333; }} svg .heat-cell {{ stroke: #fff; stroke-width: .5; }}
 </style></head>
 <body>
 <h1>sdm-peer <span class="muted">{database}</span></h1>
@@ -211,7 +211,7 @@ experiments finished ({percent}); <span id="running">{running}</span> running,
 {lines}
 <h2>Progress per configuration</h2>
 {progress}
-<h2>Mean wall time per shape</h2>
+<h2>Mean wall time per shape (cores × memory)</h2>
 {chart}
 <h2>Leases</h2>
 {leases}
@@ -300,50 +300,70 @@ def events_list(events):
 
 # ---------------------------------------------------------------- the chart
 
-CHART_WIDTH, CHART_HEIGHT = 720, 260
-MARGIN_LEFT, MARGIN_BOTTOM, MARGIN_TOP = 56, 70, 12
-LABELLED_BARS = 40  # more bars than this go without names under them (each keeps a tooltip)
+CHART_WIDTH, CHART_HEIGHT = 720, 300
+MARGIN_LEFT, MARGIN_RIGHT, MARGIN_BOTTOM, MARGIN_TOP = 56, 96, 40, 12
+LABELLED_VALUES = 24  # more distinct cores (or memory) values than this: every n-th gets a label
+# viridis at 0, 0.25, 0.5, 0.75 and 1: the report's colour map, without matplotlib.
+VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
 
 
-def nice_ticks(top, count=5):
-    """Round tick values from 0 to at least `top`: steps of 1, 2 or 5 times a power of ten."""
-    if top <= 0:
-        return [0.0, 1.0]
-    raw = top / count
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    return [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]
+def colour(fraction):
+    """The viridis colour at `fraction` (0..1) of the scale, as #rrggbb."""
+    position = min(max(fraction, 0.0), 1.0) * (len(VIRIDIS) - 1)
+    low = min(int(position), len(VIRIDIS) - 2)
+    mix = position - low
+    rgb = (round(a + (b - a) * mix) for a, b in zip(VIRIDIS[low], VIRIDIS[low + 1]))
+    return "#" + "".join(f"{value:02x}" for value in rgb)
 
 
 def wall_time_chart(configs):
-    """An SVG bar chart of each measured config's mean wall time, in run order."""
+    """An SVG heatmap of each measured config's mean wall time on the cores × memory grid: the
+    study's shape space, readable at 2,000 shapes where a bar per shape is not."""
     measured = [c for c in configs if c.get("mean_wall_seconds") is not None]
     if not measured:
         return '<p class="muted" id="chart">no wall time measured yet</p>'
-    ticks = nice_ticks(max(c["mean_wall_seconds"] for c in measured))
-    plot_width, plot_height = CHART_WIDTH - MARGIN_LEFT - 8, CHART_HEIGHT - MARGIN_BOTTOM - MARGIN_TOP
-    slot = plot_width / len(measured)
-
-    def y(value):
-        return MARGIN_TOP + plot_height * (1 - value / ticks[-1])
-
-    parts = [f'<line x1="{MARGIN_LEFT}" y1="{y(0):.1f}" x2="{CHART_WIDTH - 8}" y2="{y(0):.1f}" stroke="#999"/>']
-    for tick in ticks:
-        parts.append(f'<text x="{MARGIN_LEFT - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>'
-                     f'<line x1="{MARGIN_LEFT}" y1="{y(tick):.1f}" x2="{CHART_WIDTH - 8}" y2="{y(tick):.1f}" '
-                     f'stroke="#eee"/>')
-    for i, config in enumerate(measured):
+    cores = sorted({c["cores"] for c in measured})
+    memory = sorted({c["memory_gb"] for c in measured})
+    low, high = min(c["mean_wall_seconds"] for c in measured), max(c["mean_wall_seconds"] for c in measured)
+    span = high - low or 1.0
+    plot_width = CHART_WIDTH - MARGIN_LEFT - MARGIN_RIGHT
+    plot_height = CHART_HEIGHT - MARGIN_BOTTOM - MARGIN_TOP
+    width, height = plot_width / len(cores), plot_height / len(memory)
+    parts = []
+    for config in measured:
         mean, name = config["mean_wall_seconds"], _e(config["name"])
-        x = MARGIN_LEFT + i * slot + slot * 0.15
-        parts.append(f'<rect class="bar-rect" data-config="{name}" data-mean="{mean:.6g}" x="{x:.1f}" '
-                     f'y="{y(mean):.1f}" width="{slot * 0.7:.1f}" height="{y(0) - y(mean):.1f}">'
+        x = MARGIN_LEFT + cores.index(config["cores"]) * width
+        y = MARGIN_TOP + (len(memory) - 1 - memory.index(config["memory_gb"])) * height
+        parts.append(f'<rect class="heat-cell" data-config="{name}" data-mean="{mean:.6g}" x="{x:.1f}" y="{y:.1f}" '
+                     f'width="{width:.1f}" height="{height:.1f}" fill="{colour((mean - low) / span)}">'
                      f'<title>{name}: {seconds_text(mean)} s mean wall time</title></rect>')
-        if len(measured) <= LABELLED_BARS:
-            cx = x + slot * 0.35
-            parts.append(f'<text x="{cx:.1f}" y="{y(0) + 12:.1f}" text-anchor="end" '
-                         f'transform="rotate(-40 {cx:.1f} {y(0) + 12:.1f})">{name}</text>')
+    for i, value in _labelled(cores):
+        x = MARGIN_LEFT + (i + 0.5) * width
+        parts.append(f'<text x="{x:.1f}" y="{MARGIN_TOP + plot_height + 14}" text-anchor="middle">{value:g}</text>')
+    for i, value in _labelled(memory):
+        y = MARGIN_TOP + (len(memory) - 0.5 - i) * height
+        parts.append(f'<text x="{MARGIN_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{value:g}</text>')
+    parts.append(f'<text x="{MARGIN_LEFT + plot_width / 2:.0f}" y="{CHART_HEIGHT - 6}" '
+                 f'text-anchor="middle">cores</text>')
     parts.append(f'<text x="14" y="{MARGIN_TOP + plot_height / 2:.0f}" text-anchor="middle" '
-                 f'transform="rotate(-90 14 {MARGIN_TOP + plot_height / 2:.0f})">seconds</text>')
+                 f'transform="rotate(-90 14 {MARGIN_TOP + plot_height / 2:.0f})">memory (GB)</text>')
+    parts.append(_scale(low, high, x=CHART_WIDTH - MARGIN_RIGHT + 16, top=MARGIN_TOP, height=plot_height))
     return (f'<svg id="chart" xmlns="http://www.w3.org/2000/svg" width="{CHART_WIDTH}" height="{CHART_HEIGHT}" '
             f'viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" role="img" aria-label="mean wall time per shape">'
             + "".join(parts) + "</svg>")
+
+
+def _labelled(values):
+    """(index, value) of the values that get a label: all, or every n-th of many."""
+    step = max(1, math.ceil(len(values) / LABELLED_VALUES))
+    return list(enumerate(values))[::step]
+
+
+def _scale(low, high, *, x, top, height):
+    """The colour scale: a vertical gradient from `low` (bottom) to `high` (top) seconds."""
+    stops = "".join(f'<stop offset="{i / (len(VIRIDIS) - 1):.2f}" stop-color="{colour(1 - i / (len(VIRIDIS) - 1))}"/>'
+                    for i in range(len(VIRIDIS)))
+    return (f'<defs><linearGradient id="heat-scale" x1="0" y1="0" x2="0" y2="1">{stops}</linearGradient></defs>'
+            f'<rect x="{x}" y="{top}" width="12" height="{height}" fill="url(#heat-scale)"/>'
+            f'<text x="{x + 16}" y="{top + 10}">{seconds_text(high)} s</text>'
+            f'<text x="{x + 16}" y="{top + height}">{seconds_text(low)} s</text>')

@@ -5,6 +5,7 @@ token rules over plain HTTP. Every server listens on 127.0.0.1 and is stopped by
 import http.client
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -112,7 +113,7 @@ def test_dashboard_in_headless_chromium_shows_the_counts_while_a_study_runs(run,
                                        "waiting": "0", "error": "0", "failed": "0"}
         assert f'<td class="name">{long_run["key"]}</td><td class="name">c1-m2</td><td class="name">c1-m2-' in dom
         assert 'data-kind="handoff"' in dom and "hand-off: c1-m2 to be provisioned after c1-m1" in dom
-        assert '<rect class="bar-rect" data-config="c1-m1"' in dom and 'data-config="c1-m2"' in dom
+        assert '<rect class="heat-cell" data-config="c1-m1"' in dom and 'data-config="c1-m2"' in dom
         assert run_token(run) not in dom and view_token(run) not in dom
 
         screenshot = tmp_path / "dashboard.png"  # the test's artifact
@@ -233,6 +234,21 @@ def test_the_page_escapes_what_the_run_names_and_draws_no_chart_before_a_measure
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<b>run</b>" not in page
     assert "no wall time measured yet" in wall_time_chart(status["configs"])
+
+
+def test_the_chart_is_a_heatmap_of_cores_by_memory_coloured_by_mean_wall_time():
+    configs = [{"name": f"c{c}-m{m}", "cores": c, "memory_gb": m, "mean_wall_seconds": c * m}
+               for c in (1, 2, 4) for m in (2, 8)] + [{"name": "c8-m8", "cores": 8, "memory_gb": 8,
+                                                       "mean_wall_seconds": None}]
+    svg = wall_time_chart(configs)
+    cells = re.findall(r'<rect class="heat-cell" data-config="([^"]+)" data-mean="([^"]+)" x="([^"]+)" '
+                       r'y="([^"]+)"[^>]*fill="([^"]+)"', svg)
+    assert sorted(name for name, *_ in cells) == sorted(c["name"] for c in configs[:-1])  # unmeasured: no cell
+    place = {name: (float(x), float(y)) for name, _, x, y, _ in cells}
+    assert place["c1-m2"][0] < place["c2-m2"][0] < place["c4-m2"][0]  # cores left to right
+    assert place["c1-m8"][1] < place["c1-m2"][1]  # more memory higher up
+    fills = {name: fill for name, _, _, _, fill in cells}
+    assert fills["c1-m2"] == "#440154" and fills["c4-m8"] == "#fde725"  # the scale's two ends
 
 
 def test_dashboard_speaks_https_with_the_servers_certificate_and_a_silent_client_holds_up_nobody(run, tmp_path):
