@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import settings as settings_mod
+from . import states as st
 from .errors import BadInput, LeaseLost, ProviderError, SdmPeerError, ServerUnavailable
 from .failpoints import failpoint
 
@@ -230,6 +231,18 @@ class Worker:
             self._call("provisioned", provision_token=provision["provision_token"], worker_id=self.worker_id)
         except LeaseLost:
             log.info("provisioning of %s was taken over meanwhile", provision["config"])
+            return
+        self.sweep_templates(provider)
+
+    def sweep_templates(self, provider):
+        """What finished configs' groups left behind (a gce template), swept by the provisioner."""
+        sweep = getattr(provider, "sweep_templates", None)  # only cloud providers leave templates
+        status = sweep and self._call("status")
+        if status:
+            try:
+                sweep([config["name"] for config in status["configs"] if config["state"] == st.CONFIG_DONE])
+            except ProviderError as exc:
+                log.warning("could not sweep the templates of finished configs: %s", exc)
 
     def leave_group(self, config):
         """Shrinking: nothing is left to claim and enough of the config's workers stay idle, so

@@ -122,6 +122,9 @@ def metadata():
     server.stop()
 
 
+UBUNTU = "projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64"
+
+
 def vm_metadata(rendered_user_data, run, port, shape, config):
     token = run.token_file.read_text().strip()
     return {"items": [{"key": key, "value": value} for key, value in {
@@ -135,7 +138,7 @@ def test_worker_units_exec_start_as_rendered_works_a_config_to_the_end(run, tmp_
     server = start_server(run)
     vms = LocalVms(tmp_path / "vms", metadata)
     vms.start("sdm-study1-c2-m4-ab12", vm_metadata(cloudinit.render_worker(SETTINGS), run,
-                                                    run.server_info()["port"], (2, 4), "c2-m4"))
+                                                    run.server_info()["port"], (2, 4), "c2-m4"), UBUNTU)
     try:
         assert vms.processes["sdm-study1-c2-m4-ab12"].wait(timeout=60) == 0
     finally:
@@ -152,7 +155,8 @@ def test_shutdown_script_gives_the_vms_lease_back_at_once(run, tmp_path, metadat
     server = start_server(run)
     vms = LocalVms(tmp_path / "vms", metadata)
     name = "sdm-study1-c2-m4-cd34"
-    vms.start(name, vm_metadata(cloudinit.render_worker(SETTINGS), run, run.server_info()["port"], (2, 4), "c2-m4"))
+    vms.start(name, vm_metadata(cloudinit.render_worker(SETTINGS), run, run.server_info()["port"], (2, 4), "c2-m4"),
+              UBUNTU)
     try:
         wait_for(lambda: status(run)["totals"]["started"] == 1, what="a claim")
         assert vms.run_shutdown_script(name).wait(timeout=20) == 0  # as the VM stops, before the worker is told

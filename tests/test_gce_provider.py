@@ -43,8 +43,8 @@ def metadata_of(template):
 
 def test_create_group_makes_a_spot_template_then_a_group_of_group_size(fake, provider):
     provider().create_group(config(4, 16, group_size=5))
-    posts = [(path, body) for method, path, body in fake.requests if method == "POST" and "/operations/" not in path]
-    assert [path for path, _ in posts] == [TEMPLATES, GROUPS]
+    inserts = [path for method, path, _ in fake.requests if method == "POST" and path in (TEMPLATES, GROUPS)]
+    assert inserts == [TEMPLATES, GROUPS]
     template = fake.templates["sdm-study1-c4-m16"]
     properties = template["properties"]
     assert properties["machineType"] == "n2-custom-4-16384"
@@ -107,11 +107,11 @@ def test_delete_group_removes_the_group_then_the_template_waiting_for_each(fake,
     fake.requests.clear()
     gce.delete_group({"config": "c2-m8"})
     assert fake.groups == {} and fake.templates == {}
-    steps = [(method, path.rsplit("/", 2)[-2] if "/operations/" in path else path) for method, path, _ in fake.requests]
-    assert steps[0] == ("DELETE", f"{GROUPS}/sdm-study1-c2-m8")
-    assert steps[1][0] == "POST" and "operations" in fake.requests[1][1]  # waited for the group's deletion
-    assert steps[2] == ("DELETE", f"{TEMPLATES}/sdm-study1-c2-m8")
-    assert "operations" in fake.requests[3][1]
+    steps = [(method, "wait" if path.endswith("/wait") else path) for method, path, _ in fake.requests]
+    group, template = steps.index(("DELETE", f"{GROUPS}/sdm-study1-c2-m8")), \
+        steps.index(("DELETE", f"{TEMPLATES}/sdm-study1-c2-m8"))
+    assert group == 0 and ("POST", "wait") in steps[group:template]  # waited for the group's deletion
+    assert steps[template + 1:] and set(steps[template + 1:]) == {("POST", "wait")}
 
 
 def test_delete_of_a_missing_group_is_success(fake, provider):
@@ -179,7 +179,8 @@ def test_dry_run_api_prints_each_call_with_the_token_hidden():
     lines = []
     GceProvider(SETTINGS, "secret-token", api=DryRunApi("my-proj", "us-central1-a", echo=lines.append)) \
         .create_group(config(2, 8))
-    assert [line.split(" ", 2)[:2] for line in lines] == [["POST", TEMPLATES], ["POST", GROUPS]]
+    assert [line.split(" ", 2)[:2] for line in lines if line.startswith("POST ")] == [["POST", TEMPLATES],
+                                                                                       ["POST", GROUPS]]
     template = json.loads(lines[0].split(" ", 2)[2])
     items = {item["key"]: item["value"] for item in template["properties"]["metadata"]["items"]}
     assert items["sdm-token"] == "<token>" and items["user-data"].startswith("<user-data: ")
