@@ -366,7 +366,7 @@ class FakeCompute(_Server):
                 raise ApiError(404, "notFound", f"The resource 'projects/{project}/global/instanceTemplates/"
                                                 f"{template}' was not found")
             body["zone"] = zone
-        if method == "DELETE" and name in self.groups and self._caller in self._members(name):
+        if method == "DELETE" and name in self.groups and self._caller in self.members(name):
             self._collection(self.groups, "instanceGroupManagers", method, project, body, path, name, zone,
                              on_delete=self._stop_group)
             raise CallerGone
@@ -374,7 +374,8 @@ class FakeCompute(_Server):
                                      on_insert=self._start_group, on_delete=self._stop_group)
         return operation
 
-    def _members(self, group):
+    def members(self, group):
+        """The names of a managed group's VMs (made or being made)."""
         return [member["name"] for member in self.groups[group]["_members"]]
 
     def _group_method(self, method, project, body, path, zone, name, verb):
@@ -393,7 +394,7 @@ class FakeCompute(_Server):
                       body)
         leaving = [url.rpartition("/")[2] for url in body["instances"]]
         for instance in leaving:
-            if instance not in self._members(name):
+            if instance not in self.members(name):
                 raise ApiError(400, "invalid", f"instance {instance} is not a member of {where}")
         operation = self._new_operation(method, path, project, "deleteInstances",
                                         f"zones/{zone}/instanceGroupManagers/{name}", zone)
