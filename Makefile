@@ -18,7 +18,19 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/sdm-peer demo
 
-test: $(STAMP)
+# The dashboard test looks through Debian's headless chromium. Installed here when it is missing
+# and root can (apt-get); if not, that test says why: a skip, or a failure under CI=true.
+CHROMIUM := /usr/bin/chromium
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		$(APT_INSTALL) || { apt-get update -q && $(APT_INSTALL); } \
+			|| echo "could not install chromium: the dashboard's browser test will say so"; \
+	else \
+		echo "chromium is missing and installing it needs root and apt-get: the dashboard's browser test will say so"; \
+	fi
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The bench-only dependencies (the peers it measures against, psutil): setup.cfg's `bench` extra.

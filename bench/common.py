@@ -21,7 +21,7 @@ REPO = BENCH.parent
 if str(REPO) not in sys.path:  # tests/runs.py: the project's helpers for real runs
     sys.path.insert(0, str(REPO))
 
-from sdm_peer.cli import init_run  # noqa: E402
+from sdm_peer.run import init_run  # noqa: E402
 from sdm_peer.rundir import RunDir, read_token  # noqa: E402
 
 SHAPE = (1, 1)  # the one config of the throughput databases: cores, memory_gb

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sdm_peer.cli import init_run
+from sdm_peer.run import init_run
 from sdm_peer.rundir import RunDir
 from sdm_peer.store import Store
 

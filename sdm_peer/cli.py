@@ -1,5 +1,6 @@
 """The command line (DESIGN §5): a thin shell that parses, calls one library function, formats."""
 
+import contextlib
 import functools
 import json
 import sys
@@ -10,7 +11,8 @@ import click
 
 from . import settings as settings_mod
 from .errors import BadInput, SdmPeerError
-from .rundir import RunDir, token_path_for, write_token
+from .providers import base as providers
+from .rundir import RunDir
 
 
 class Cli(click.Group):
@@ -36,6 +38,55 @@ def now():
     return time.time()
 
 
+def options(*decorators):
+    """Several click options as one decorator, in the order given."""
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+    return apply
+
+
+def db_option(help="The database file."):
+    return click.option("--db", type=click.Path(dir_okay=False), help=help)
+
+
+def dir_option(help="A run directory.", **settings):
+    return click.option("--dir", "run_dir", **{"type": click.Path(file_okay=False), "help": help, **settings})
+
+
+def server_option(help="The server, HOST:PORT."):
+    return click.option("--server", help=help)
+
+
+def token_file_option(help="Token file (or set SDM_TOKEN)."):
+    return click.option("--token-file", type=click.Path(dir_okay=False), help=help)
+
+
+tls_ca_option = click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True), envvar="SDM_TLS_CA",
+                             help="Talk TLS to the server, trusting this CA certificate (or set SDM_TLS_CA).")
+
+# --db DB | --server HOST:PORT | --dir RUNDIR, and --token-file, for commands that read a run.
+target_options = options(db_option("Read the database file directly."), server_option("Ask a running server, HOST:PORT."),
+                         dir_option(), token_file_option(), tls_ca_option)
+# --server HOST:PORT | --dir RUNDIR, for commands that talk to the run's server.
+server_options = options(server_option(), dir_option("A run directory instead of --server."), token_file_option(),
+                         tls_ca_option)
+# --db DB | --dir RUNDIR, for commands that read the database file.
+database_options = options(db_option(), dir_option())
+
+
+def exactly_one(*flags):
+    """Refuse unless exactly one of the (flag, value) pairs has a value."""
+    if len([flag for flag, value in flags if value]) != 1:
+        names = [flag for flag, _ in flags]
+        raise BadInput(f"give exactly one of {', '.join(names[:-1])} or {names[-1]}")
+
+
+def database_path(db, run_dir):
+    return RunDir(run_dir).db if run_dir else Path(db)
+
+
 def settings_options(command):
     """--set KEY=VALUE (repeatable) and --settings FILE, shared by init and bootstrap."""
     command = click.option("--settings", "settings_file", type=click.Path(dir_okay=False),
@@ -53,43 +104,6 @@ def collect_settings(assignments, settings_file, **flags):
     return settings_mod.validate(collected)
 
 
-def init_run(db, plan_file, settings, token_file=None):
-    """Parse the plan (whole, before anything is written), then create or extend the database."""
-    from .plan import read_plan
-    from .store import Store
-
-    plan = read_plan(plan_file)
-    token_path = Path(token_file or token_path_for(db))
-    for target in (Path(db), token_path):
-        if not target.parent.is_dir():
-            raise BadInput(f"{target}: no such directory {str(target.parent)!r}")
-    check_provider_serves(db, plan, settings)
-    store = Store(db)
-    try:
-        counts = store.import_plan(plan, settings=settings, now=now())
-    finally:
-        store.close()
-    write_token(token_path)
-    return counts
-
-
-def check_provider_serves(db, plan, settings):
-    """The run's provider (as stored, or as now set) must be able to serve every config's
-    shape, the plan's and those already in DB; refused before anything is written."""
-    from .providers import check_run
-    from .store import Store
-
-    stored, shapes = settings_mod.with_defaults({}), [(config.cores, config.memory_gb) for config in plan.configs]
-    if Path(db).exists():
-        store = Store(db, create=False)
-        try:
-            stored = store.settings
-            shapes += [(config["cores"], config["memory_gb"]) for config in store.status(now=now())["configs"]]
-        finally:
-            store.close()
-    check_run({**stored, **settings}, shapes)
-
-
 @main.command()
 @click.argument("db", type=click.Path(dir_okay=False))
 @click.option("--plan", "plan_file", required=True, type=click.Path(), help="CSV, JSON or JSONL plan file.")
@@ -97,12 +111,14 @@ def check_provider_serves(db, plan, settings):
 @click.option("--max-failures", type=int, help="Non-zero exits before an experiment is FAILED (default 3).")
 @click.option("--max-interruptions", type=int,
               help="Releases/expiries before an experiment is FAILED (default 10).")
-@click.option("--token-file", type=click.Path(dir_okay=False), help="Where to write the token (default DB.token).")
+@token_file_option("Where to write the token (default DB.token).")
 @settings_options
 def init(db, plan_file, group_size, max_failures, max_interruptions, token_file, assignments, settings_file):
     """Create DB from a plan, or add the plan's new experiments to it.
 
     Re-running with the same plan adds nothing and changes nothing; a bad plan changes nothing."""
+    from .run import init_run
+
     settings = collect_settings(assignments, settings_file, group_size=group_size, max_failures=max_failures,
                                 max_interruptions=max_interruptions)
     counts = init_run(db, plan_file, settings, token_file)
@@ -110,43 +126,26 @@ def init(db, plan_file, group_size, max_failures, max_interruptions, token_file,
                + (f"; {counts['configs_reopened']} DONE configs reopened" if counts["configs_reopened"] else ""))
 
 
-tls_ca_option = click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True), envvar="SDM_TLS_CA",
-                             help="Talk TLS to the server, trusting this CA certificate (or set SDM_TLS_CA).")
-
-
-def target_options(command):
-    """--db DB | --server HOST:PORT | --dir RUNDIR, and --token-file, for commands that read a run."""
-    for option in reversed((
-        click.option("--db", type=click.Path(dir_okay=False), help="Read the database file directly."),
-        click.option("--server", help="Ask a running server, HOST:PORT."),
-        click.option("--dir", "run_dir", type=click.Path(file_okay=False), help="A run directory."),
-        click.option("--token-file", type=click.Path(dir_okay=False), help="Token file (or set SDM_TOKEN)."),
-        tls_ca_option,
-    )):
-        command = option(command)
-    return command
-
-
+@contextlib.contextmanager
 def status_source(db, server, run_dir, token_file, replica=None, tls_ca=None):
-    """A function returning the run's status object, from whichever target was given."""
-    given = [name for name, value in (("--db", db), ("--server", server), ("--dir", run_dir),
-                                      ("--replica", replica)) if value]
-    if len(given) != 1:
-        raise BadInput("give exactly one of --db, --server, --dir or --replica")
+    """A function returning the run's status object, from whichever target was given; what it
+    opened is closed on leaving."""
+    exactly_one(("--db", db), ("--server", server), ("--dir", run_dir), ("--replica", replica))
     if replica:
         from .replication import status_from_replica
 
-        return lambda: status_from_replica(replica)
-    if server:
+        yield lambda: status_from_replica(replica)
+    elif server:
         from .client import Client
 
-        client = Client.for_server(server, token_file=token_file, tls_ca=tls_ca)
-        return functools.partial(client.call, "status")
-    from .overview import overview
-    from .store import Store
+        with contextlib.closing(Client.for_server(server, token_file=token_file, tls_ca=tls_ca)) as client:
+            yield functools.partial(client.call, "status")
+    else:
+        from .overview import overview
+        from .store import Store
 
-    store = Store(RunDir(run_dir).db if run_dir else db, create=False)
-    return lambda: overview(store, now=now())
+        with Store(database_path(db, run_dir), create=False) as store:
+            yield lambda: overview(store, now=now())
 
 
 @main.command()
@@ -163,51 +162,42 @@ def status(db, server, run_dir, token_file, tls_ca, replica, as_json, watch, sho
     With replication on, also how long ago the replica last received a change."""
     from .view import status_view, watch as watch_status
 
-    read = status_source(db, server, run_dir, token_file, replica, tls_ca)
-    if as_json:
-        try:
-            while True:
-                click.echo(json.dumps(read()))
-                if not watch:
-                    return
-                time.sleep(watch)
-        except KeyboardInterrupt:  # Ctrl-C ends a watch; it is not an error
-            return
-    if watch:
-        watch_status(read, watch, show_all=show_all)
-    else:
-        from rich.console import Console
+    with status_source(db, server, run_dir, token_file, replica, tls_ca) as read:
+        if as_json:
+            try:
+                while True:
+                    click.echo(json.dumps(read()))
+                    if not watch:
+                        return
+                    time.sleep(watch)
+            except KeyboardInterrupt:  # Ctrl-C ends a watch; it is not an error
+                return
+        if watch:
+            watch_status(read, watch, show_all=show_all)
+        else:
+            from rich.console import Console
 
-        Console().print(status_view(read(), show_all=show_all))
+            Console().print(status_view(read(), show_all=show_all))
 
 
 @main.command()
-@click.option("--db", type=click.Path(dir_okay=False), help="The database file.")
-@click.option("--dir", "run_dir", type=click.Path(file_okay=False), help="A run directory.")
+@database_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file, .csv or .jsonl.")
 def export(db, run_dir, out):
     """Write every experiment, params and results flattened into columns, to a CSV or JSONL file."""
     from .export import export as write_export
     from .store import Store
 
-    path = database_of(db, run_dir)
+    exactly_one(("--db", db), ("--dir", run_dir))
     if not Path(out).parent.is_dir():
         raise BadInput(f"{out}: no such directory {str(Path(out).parent)!r}")
-    store = Store(path, create=False)
-    count = write_export(store, out)
+    with Store(database_path(db, run_dir), create=False) as store:
+        count = write_export(store, out)
     click.echo(f"{out}: {count:,} experiments")
 
 
-def database_of(db, run_dir):
-    """The database named by --db DB or --dir RUNDIR (exactly one)."""
-    if bool(db) == bool(run_dir):
-        raise BadInput("give exactly one of --db or --dir")
-    return RunDir(run_dir).db if run_dir else Path(db)
-
-
 @main.command()
-@click.option("--db", type=click.Path(dir_okay=False), help="The database file.")
-@click.option("--dir", "run_dir", type=click.Path(file_okay=False), help="A run directory.")
+@database_options
 @click.option("--out", required=True, type=click.Path(),
               help="Directory for report.html and its plots (made if missing).")
 def report(db, run_dir, out):
@@ -217,11 +207,9 @@ def report(db, run_dir, out):
     from .report import write_report
     from .store import Store
 
-    store = Store(database_of(db, run_dir), readonly=True)
-    try:
+    exactly_one(("--db", db), ("--dir", run_dir))
+    with Store(database_path(db, run_dir), readonly=True) as store:
         written = write_report(store, out)
-    finally:
-        store.close()
     click.echo(f"{written['path']}: {written['results']:,} results, {len(written['plots'])} plots"
                + ("" if written["results"] else " (no results yet)"))
 
@@ -249,13 +237,12 @@ def setup_logging(verbose=False):
 
 
 @main.command()
-@click.option("--db", type=click.Path(dir_okay=False), help="The database file.")
-@click.option("--dir", "run_dir", type=click.Path(file_okay=False),
-              help="A run directory: serves RUNDIR/sdm.db and records server.json.")
+@db_option()
+@dir_option("A run directory: serves RUNDIR/sdm.db and records server.json.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=7787, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on; 0 takes a free one.")
-@click.option("--token-file", type=click.Path(dir_okay=False), help="Token file (default DB.token).")
+@token_file_option("Token file (default DB.token).")
 @click.option("--lease-seconds", type=click.FloatRange(min=0.1),
               help="Lease period (default: the run's lease_seconds setting, 60).")
 @click.option("--idle-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
@@ -272,8 +259,7 @@ def setup_logging(verbose=False):
 @click.option("--http-port", type=click.IntRange(0, 65535),
               help="Also serve a read-only web dashboard on this port (0 takes a free one).")
 @click.option("--http-host", default="127.0.0.1", show_default=True, help="Address the dashboard listens on.")
-def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_connections, replicate, replica,
-          tls_cert, tls_key, durable, http_port, http_host):
+def serve(**options):
     """Serve a run's database to workers over TCP (newline-delimited JSON).
 
     Prints `listening on HOST:PORT` once it accepts connections. SIGTERM or SIGINT stops it
@@ -281,50 +267,13 @@ def serve(db, run_dir, host, port, token_file, lease_seconds, idle_timeout, max_
     to the replica (gs://BUCKET/PATH or file:///PATH) and the server dies with it. With
     --http-port, the same process serves a read-only web dashboard (token: Bearer header, or
     the read-only token in DB.view-token given once as /?token=)."""
-    import os
+    from .run import ServeOptions, serve as serve_run
 
-    from . import replication
-    from .rundir import read_token
-    from .server import serve as run_server, tls_server_context
-
-    if bool(db) == bool(run_dir):
-        raise BadInput("give exactly one of --db or --dir")
-    if bool(tls_cert) != bool(tls_key):
+    exactly_one(("--db", options["db"]), ("--dir", options["run_dir"]))
+    if bool(options["tls_cert"]) != bool(options["tls_key"]):
         raise BadInput("give both --tls-cert and --tls-key, or neither")
-    ssl_context = tls_server_context(tls_cert, tls_key) if tls_cert else None
-    run = RunDir(run_dir) if run_dir else None
-    db_path = run.db if run else Path(db)
-    token_path = token_file or token_path_for(db_path)
-    if replicate:
-        replica = replica or os.environ.get(replication.REPLICA_ENV)
-        if not replica:
-            raise BadInput("--replicate needs a replica URL", hint="pass --replica URL or set SDM_REPLICA_URL")
-        read_token(token_path)  # refuse a bad token before anything is restored
-        target = ["--dir", str(run.path)] if run else ["--db", str(db_path.absolute())]
-        target += ["--token-file", str(Path(token_path).absolute())]
-        replication.exec_replicated_server(db_path, replica, [
-            *target, "--host", host, "--port", str(port), "--idle-timeout", str(idle_timeout),
-            "--max-connections", str(max_connections),
-            *(["--lease-seconds", str(lease_seconds)] if lease_seconds else []),
-            *(["--tls-cert", str(Path(tls_cert).absolute()), "--tls-key", str(Path(tls_key).absolute())]
-              if tls_cert else []),
-            *(["--durable"] if durable else []),
-            *(["--http-port", str(http_port), "--http-host", http_host] if http_port is not None else [])])
-    if not db_path.exists():
-        raise BadInput(f"{db_path}: no such database", hint="create it with `sdm-peer init`")
-    token = read_token(token_path)
-    replicated = os.environ.get(replication.REPLICATED_ENV) == "1"
-    if replicated:
-        replication.die_with_litestream()
     setup_logging()
-    dashboard = None
-    if http_port is not None:
-        from .dashboard import Dashboard
-
-        dashboard = Dashboard(db_path, token, host=http_host, port=http_port, ssl_context=ssl_context)
-    run_server(db_path, token, host=host, port=port, lease_seconds=lease_seconds, run_dir=run,
-               idle_timeout=idle_timeout, max_connections=max_connections, replicated=replicated,
-               ssl_context=ssl_context, durable=durable, dashboard=dashboard)
+    serve_run(ServeOptions(**options))
 
 
 def run_token(run_dir, token_file):
@@ -335,12 +284,11 @@ def run_token(run_dir, token_file):
 
 
 def metadata_client(tls_ca, **options):
-    """On a Compute Engine VM: what the gce provider put in its metadata, and a client for its server."""
+    """On a VM its provider made: what the provider put in its metadata, and a client for its server."""
     from .client import Client
-    from .metadata import worker_identity
     from .rundir import parse_address
 
-    vm = worker_identity()
+    vm = providers.worker_identity()
     return vm, Client(parse_address(vm["server"]), vm["token"], tls_ca=tls_ca, **options)
 
 
@@ -348,18 +296,14 @@ def server_client(server, run_dir, token_file, **options):
     """A client for --server HOST:PORT or --dir RUNDIR."""
     from .client import Client
 
-    if bool(server) == bool(run_dir):
-        raise BadInput("give exactly one of --server or --dir")
+    exactly_one(("--server", server), ("--dir", run_dir))
     if server:
         return Client.for_server(server, token_file=token_file, **options)
     return Client.for_run_dir(RunDir(run_dir), token_file=token_file, **options)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--server", help="The server, HOST:PORT.")
-@click.option("--dir", "run_dir", type=click.Path(file_okay=False), help="A run directory instead of --server.")
-@click.option("--token-file", type=click.Path(dir_okay=False), help="Token file (or set SDM_TOKEN).")
-@tls_ca_option
+@server_options
 @click.option("--cores", type=click.IntRange(min=1), help="This worker's cores (default: the machine's).")
 @click.option("--memory-gb", type=click.FloatRange(min=0, min_open=True),
               help="This worker's memory in GB (default: the machine's, rounded).")
@@ -378,7 +322,6 @@ def work(server, run_dir, token_file, tls_ca, cores, memory_gb, worker_id, work_
     Exit 0 means the config is finished; SIGTERM gives the running experiment back."""
     import os
 
-    from .providers import provider_for
     from .worker import Worker, default_worker_id, machine_shape
 
     if (cores is None) != (memory_gb is None):
@@ -397,15 +340,26 @@ def work(server, run_dir, token_file, tls_ca, cores, memory_gb, worker_id, work_
     setup_logging()
     worker = Worker(client, list(command) or None, worker_id=worker_id or default_worker_id(), cores=cores,
                     memory_gb=memory_gb, work_root=work_dir or (Path(run_root) / "work" if run_root else "sdm-work"),
-                    provider_for=lambda settings: provider_for(settings, run_root, token=token),
+                    provider_for=lambda settings: providers.provider_for(settings, run_root, token=token),
                     own_group=own_group)
-    sys.exit(worker.run())
+    with contextlib.closing(client):
+        status = worker.run()
+    sys.exit(status)
+
+
+class RegisteredProvider(click.Choice):
+    """--provider's choices: the providers registered when the command runs."""
+
+    def __init__(self):
+        super().__init__(())
+
+    choices = property(lambda self: providers.names(), lambda self, value: None)
 
 
 @main.command()
 @click.option("--plan", "plan_file", required=True, type=click.Path(), help="CSV, JSON or JSONL plan file.")
-@click.option("--provider", required=True, type=click.Choice(["local", "gce"]), help="Where groups come from.")
-@click.option("--dir", "run_dir", required=True, type=click.Path(file_okay=False), help="The run directory.")
+@click.option("--provider", required=True, type=RegisteredProvider(), help="Where groups come from.")
+@dir_option("The run directory.", required=True)
 @click.option("--lease-seconds", type=click.FloatRange(min=0.1), help="Lease period for the server.")
 @click.option("--project", help="gce: the Google Cloud project.")
 @click.option("--zone", help="gce: the zone of every VM, e.g. us-central1-a.")
@@ -424,47 +378,22 @@ def bootstrap(plan_file, provider, run_dir, lease_seconds, project, zone, bucket
 
     Safe to repeat: on a live run it changes nothing harmful, on a run whose server died it
     restarts it, and it finishes a provisioning whose lease lapsed."""
-    from .bootstrap import bootstrap as start_run
+    from .run import bootstrap_run
 
-    if http_port is not None and provider != "local":
-        raise BadInput("--http-port is for --provider local (the database VM of a gce run serves no dashboard)")
-    if provider == "gce":
-        return bootstrap_gce(plan_file, RunDir(run_dir), bucket, dry_run, collect_settings(
-            assignments, settings_file, provider=provider, command=list(command), project=project, zone=zone,
-            lease_seconds=lease_seconds))
-    if project or zone or bucket or dry_run:
-        raise BadInput("--project, --zone, --bucket and --dry-run are for --provider gce")
-    settings = collect_settings(assignments, settings_file, provider=provider, command=list(command))
     run = RunDir(run_dir)
-    run.path.mkdir(parents=True, exist_ok=True)
-    counts = init_run(run.db, plan_file, settings)
-    info = start_run(run, lease_seconds=lease_seconds, http_port=http_port)
-    click.echo(f"{run.path}: {counts['experiments_added']:,} experiments added; server on "
-               f"{info['host']}:{info['port']}")
-    click.echo(f"watch it with: sdm-peer status --dir {run_dir} --watch 2")
-    if http_port is not None:
-        click.echo(f"dashboard: http://127.0.0.1:{http_port}/?token=$(cat {run.db}.view-token)")
-
-
-def bootstrap_gce(plan_file, run, bucket, dry_run, settings):
-    from . import gce_bootstrap
-
-    settings = gce_bootstrap.run_settings(run.path, settings, bucket)
-    if dry_run:
-        gce_bootstrap.dry_run(plan_file, settings, echo=click.echo)
-        return
-    run.path.mkdir(parents=True, exist_ok=True)
-    counts = init_run(run.db, plan_file, settings)
-    started = gce_bootstrap.bootstrap(run, echo=click.echo)
-    click.echo(f"{run.path}: {counts['experiments_added']:,} experiments added; the run is on Compute Engine")
-    click.echo(f"watch it with: sdm-peer status --replica {started['replica_url']} --watch 30")
+    settings = collect_settings(assignments, settings_file, provider=provider, command=list(command))
+    options = providers.RunOptions(lease_seconds=lease_seconds, http_port=http_port, project=project, zone=zone,
+                                   bucket=bucket, dry_run=dry_run)
+    started = bootstrap_run(run, plan_file, settings, options, echo=click.echo)
+    if started is not None:
+        click.echo(f"{run.path}: {started.counts['experiments_added']:,} experiments added; {started.where}")
+        click.echo(f"watch it with: sdm-peer status {started.watch}")
+        for note in started.notes:
+            click.echo(note)
 
 
 @main.command()
-@click.option("--server", help="The server, HOST:PORT.")
-@click.option("--dir", "run_dir", type=click.Path(file_okay=False), help="A run directory instead of --server.")
-@click.option("--token-file", type=click.Path(dir_okay=False), help="Token file (or set SDM_TOKEN).")
-@tls_ca_option
+@server_options
 @click.option("--worker-id", help="The worker whose leases to give back.")
 @click.option("--reason", default="released by hand", show_default=True, help="Recorded with each attempt.")
 @click.option("--from-metadata", is_flag=True,
@@ -480,7 +409,8 @@ def release(server, run_dir, token_file, tls_ca, worker_id, reason, from_metadat
         raise BadInput("give --worker-id (or --from-metadata on a VM)")
     else:
         client = server_client(server, run_dir, token_file, retry_seconds=15.0, tls_ca=tls_ca)
-    released = client.call("release", worker_id=worker_id, reason=reason)["released"]
+    with contextlib.closing(client):
+        released = client.call("release", worker_id=worker_id, reason=reason)["released"]
     click.echo(f"released {released} lease(s) of {worker_id}")
 
 
@@ -492,36 +422,17 @@ def group():
     idempotent: an existing group is kept, a missing one is fine."""
 
 
+@contextlib.contextmanager
 def group_provider(config, db, server, run_dir, token_file, tls_ca):
-    """The run's provider and CONFIG's record (shape, group size), from the database or the server."""
-    from .providers import provider_for
-    from .rundir import read_token, resolve_token
-    from .store import Store
+    """The run's provider and CONFIG's spec, from the database or the server."""
+    from .run import group_provider as provider_and_spec
 
-    if len([value for value in (db, server, run_dir) if value]) != 1:
-        raise BadInput("give exactly one of --db, --server or --dir")
+    exactly_one(("--db", db), ("--server", server), ("--dir", run_dir))
     if server:
-        client = server_client(server, None, token_file, tls_ca=tls_ca)
-        configs, token, run_root = client.call("status")["configs"], resolve_token(token_file), None
+        with contextlib.closing(server_client(server, None, token_file, tls_ca=tls_ca)) as client:
+            yield provider_and_spec(config, client=client, token_file=token_file)
     else:
-        db_path = RunDir(run_dir).db if run_dir else Path(db)
-        store = Store(db_path, create=False)
-        try:
-            settings, configs = store.settings, store.status(now=now())["configs"]
-        finally:
-            store.close()
-        token, run_root = read_token(token_file or token_path_for(db_path)), db_path.parent
-    record = next((entry for entry in configs if entry["name"] == config), None)
-    if record is None:
-        names = ", ".join(entry["name"] for entry in configs[:8])
-        raise BadInput(f"no config {config!r} in this run", hint=f"its configs: {names or 'none'}")
-    if server:  # the run's settings come with `hello` (for this config's shape)
-        settings = client.call("hello", worker_id="sdm-peer-group", cores=record["cores"],
-                               memory_gb=record["memory_gb"])["settings"]
-    provider = provider_for(settings, run_root, token=token)
-    if provider is None:
-        raise BadInput("this run's provider is `none`: its workers are started by hand")
-    return provider, {**record, "config": record["name"]}
+        yield provider_and_spec(config, db_path=database_path(db, run_dir), token_file=token_file)
 
 
 @group.command("up")
@@ -529,9 +440,9 @@ def group_provider(config, db, server, run_dir, token_file, tls_ca):
 @target_options
 def group_up(config, db, server, run_dir, token_file, tls_ca):
     """Create CONFIG's group (e.g. c4-m16) of group_size workers."""
-    provider, record = group_provider(config, db, server, run_dir, token_file, tls_ca)
-    provider.create_group(record)
-    click.echo(f"group of {config} is up ({record['group_size']} workers)")
+    with group_provider(config, db, server, run_dir, token_file, tls_ca) as (provider, spec):
+        provider.create_group(spec)
+    click.echo(f"group of {config} is up ({spec.group_size} workers)")
 
 
 @group.command("down")
@@ -539,14 +450,13 @@ def group_up(config, db, server, run_dir, token_file, tls_ca):
 @target_options
 def group_down(config, db, server, run_dir, token_file, tls_ca):
     """Remove CONFIG's group; its workers give their leases back as they stop."""
-    provider, record = group_provider(config, db, server, run_dir, token_file, tls_ca)
-    provider.delete_group(record)
+    with group_provider(config, db, server, run_dir, token_file, tls_ca) as (provider, spec):
+        provider.delete_group(spec)
     click.echo(f"group of {config} is down")
 
 
 @main.command()
-@click.option("--dir", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The run directory.")
+@dir_option("The run directory.", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--force", is_flag=True,
               help="gce: delete the database VM even when its replica cannot be confirmed to hold every result.")
 @click.option("--dry-run", is_flag=True, help="gce: print every Compute Engine call it would make; change nothing.")
@@ -556,30 +466,15 @@ def stop(run_dir, force, dry_run):
     A gce run: then, once its Litestream replica is confirmed to hold every result (it agrees
     with the server, or shows every experiment finished), delete the database VM and the
     firewall rule, and say where the results are. Not confirmed: both are kept, exit 1."""
-    from .bootstrap import stop as stop_run, stored_settings
+    from .run import stop as stop_run
 
-    run = RunDir(run_dir)
-    if stored_settings(run).get("provider") == "gce":
-        return stop_gce(run, force, dry_run)
-    if force or dry_run:
-        raise BadInput("--force and --dry-run are for a gce run")
-    stop_run(run)
-    click.echo(f"{run_dir}: stopped")
-
-
-def stop_gce(run, force, dry_run):
-    from . import gce_stop
-
-    if dry_run:
-        gce_stop.dry_run(run, echo=click.echo)
-        return
-    gce_stop.stop(run, force=force, echo=click.echo)
-    click.echo(f"{run.path}: stopped; nothing of it is left on Compute Engine")
+    said = stop_run(RunDir(run_dir), providers.RunOptions(force=force, dry_run=dry_run), echo=click.echo)
+    if said is not None:
+        click.echo(f"{run_dir}: {said}")
 
 
 @main.command()
-@click.option("--dir", "run_dir", default="sdm-demo", show_default=True, type=click.Path(file_okay=False),
-              help="Where the demo run lives; a previous demo there is replaced.")
+@dir_option("Where the demo run lives; a previous demo there is replaced.", default="sdm-demo", show_default=True)
 @click.option("--lease-seconds", default=10.0, show_default=True, type=click.FloatRange(min=1),
               help="Lease period of the demo run.")
 def demo(run_dir, lease_seconds):

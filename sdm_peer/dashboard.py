@@ -13,7 +13,6 @@ read-only view token (`DB.view-token`, made at start, mode 0600). A browser open
 of the address bar. The run's own token is never taken in a URL (URLs end up in histories and
 logs), and no URL is logged with its query."""
 
-import hmac
 import html
 import http.cookies
 import http.server
@@ -25,12 +24,13 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from . import auth
 from .errors import BadInput
-from .overview import duration, event_text, finished, idle_text, overview, seconds_text
+from .overview import (COUNT_COLUMNS, LEASE_COLUMNS, PROGRESS_COLUMNS, event_rows, finished, hidden_summary,
+                       idle_text, lease_rows, leases_text, mean_text, overview, progress_cells, progress_text,
+                       provisioning_text, replication_text, seconds_text, visible_configs)
 from .rundir import write_token
-from .server import AUTH_TARPIT, AuthFailures
 from .store import Store
-from .view import hidden_summary, visible_configs
 
 log = logging.getLogger("sdm_peer.dashboard")
 
@@ -49,10 +49,6 @@ SECURITY_HEADERS = {
 
 def view_token_path_for(db_path):
     return Path(str(db_path) + ".view-token")
-
-
-def _same(given, secret):
-    return hmac.compare_digest(given.encode(), secret.encode())
 
 
 class Dashboard:
@@ -76,8 +72,7 @@ class Dashboard:
         self._store = None
         self._lock = threading.Lock()  # one read at a time on the one read-only connection
         self._thread = None
-        self.auth_failures = AuthFailures()  # the socket service's rule: guessers are slowed down
-        self._auth_lock = threading.Lock()  # requests are served on threads of their own
+        self.throttle = auth.Throttle()  # the socket service's rule: guessers are slowed down
 
     @property
     def url(self):
@@ -106,25 +101,20 @@ class Dashboard:
         scheme, _, credential = (headers.get("Authorization") or "").partition(" ")
         credential = credential.strip()
         if scheme.lower() == "bearer" and credential and (
-                _same(credential, self._token) or _same(credential, self._view_token)):
+                auth.matches(credential, self._token) or auth.matches(credential, self._view_token)):
             return True
         try:
             cookie = http.cookies.SimpleCookie(headers.get("Cookie") or "").get(COOKIE)
         except http.cookies.CookieError:
             return False
-        return cookie is not None and _same(cookie.value, self._view_token)
-
-    def over_allowance(self, address):
-        """Count one refused request from `address`; True once it is over its allowance."""
-        with self._auth_lock:
-            return self.auth_failures.record(address, time.monotonic())
+        return cookie is not None and auth.matches(cookie.value, self._view_token)
 
     def sign_in(self, given):
         """The cookie for `?token=`, or the reason it is refused."""
-        if _same(given, self._view_token):
+        if auth.matches(given, self._view_token):
             return (f"{COOKIE}={self._view_token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={COOKIE_MAX_AGE}"
                     + ("; Secure" if self.scheme == "https" else "")), None
-        if _same(given, self._token):
+        if auth.matches(given, self._token):
             return None, f"the run's token is not taken in a URL; use the read-only token in {self.view_token_file}"
         return None, "wrong token"
 
@@ -161,13 +151,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._send(200, "text/html; charset=utf-8", page.encode())
 
     def _refuse(self, reason):
-        """401, counted per address: past the allowance the answer waits AUTH_TARPIT and the
+        """401, counted per address: past the allowance the answer waits auth.TARPIT and the
         connection is closed, as on the socket service."""
         address = self.client_address[0]
-        if self.server.dashboard.over_allowance(address):
-            time.sleep(AUTH_TARPIT)
+        if self.server.dashboard.throttle.failure(address):
+            time.sleep(auth.TARPIT)  # this request's own thread: the tarpit holds up only the guesser
             self.close_connection = True
-            reason += "; too many failures from this address, slowed down"
+            reason += f"; {auth.THROTTLED}"
         log.info("refused a dashboard request from %s: %s", address, reason)
         body = (f"401 unauthorized: {reason}.\nSend 'Authorization: Bearer <token>', or open "
                 f"/?token=<read-only token> once in a browser (the token is in the file named in the "
@@ -208,7 +198,7 @@ tr.all td {{ border-top: 1px solid #999; font-weight: 600; }}
 .state-RUNNING {{ color: #0a6fa8; font-weight: 600; }} .state-PROVISIONING {{ color: #a86b00; }}
 .state-WAITING {{ color: #888; }} .state-DONE {{ color: #2e8b57; }}
 .kind-error {{ color: #b00020; }} .kind-expired, .kind-interrupted, .kind-lost {{ color: #a86b00; }}
-.lapsed {{ color: #b00020; }} .muted {{ color: #777; }}
+.lapsed, .replica-error {{ color: #b00020; }} .replica-late {{ color: #a86b00; }} .muted {{ color: #777; }}
 ul.events {{ list-style: none; padding: 0; }} ul.events li {{ margin: .15em 0; }}
 svg text {{ font: 11px system-ui, sans-serif; fill: #333; }} svg .bar-rect {{ fill: #4682b4; }}
 </style></head>
@@ -231,28 +221,23 @@ experiments finished ({percent}); <span id="running">{running}</span> running,
 </body></html>
 """
 
-COUNT_COLUMNS = (("done", "done"), ("running", "started"), ("waiting", None), ("error", "error"),
-                 ("failed", "failed"))
+LEFT_ALIGNED = ("config", "state", "experiment", "worker")
 
 
 def render_page(status, *, now, database=""):
     """The dashboard's HTML for one status object (everything from the run is escaped)."""
     totals = status["totals"]
-    throughput, eta = status.get("throughput"), status.get("eta_seconds")
-    speed = "no result yet" if not throughput or throughput["per_minute"] is None else (
-        f"{throughput['per_minute']:,.1f} done per minute over the last {duration(throughput['window_seconds'])}")
-    left = "all finished" if eta == 0 else f"ETA {duration(eta)} (from measured wall times)"
-    lines = [f'<p class="provisioning">provisioning <strong>{_e(p["config"])}</strong>'
-             f'{" by " + _e(p["owner"]) if p["owner"] else ""} ({_provision_lease(p)})</p>'
-             for p in status.get("provisioning", ())]
+    cells = progress_cells(totals)
+    lines = [f'<p class="provisioning">{_e(provisioning_text(p))}</p>' for p in status.get("provisioning", ())]
     if status.get("idle", {}).get("idle_fraction") is not None:
         lines.append(f'<p id="idle">{_e(idle_text(status["idle"]))}</p>')
     if "replication" in status:
-        lines.append(f'<p id="replication">{_e(_replication_text(status["replication"]))}</p>')
+        text, standing = replication_text(status["replication"])
+        lines.append(f'<p id="replication" class="replica-{standing}">{_e(text)}</p>')
     return PAGE.format(
-        database=_e(database), refresh=REFRESH_SECONDS, percent=_percent(totals), finished=f"{finished(totals):,}",
-        total=f"{totals['total']:,}", running=f"{totals['started']:,}", errors=f"{totals['error']:,}",
-        failed=f"{totals['failed']:,}", speed=_e(f"{speed} · {left}"), lines="\n".join(lines),
+        database=_e(database), refresh=REFRESH_SECONDS, percent=f"{cells['percent']}%",
+        finished=f"{finished(totals):,}", total=f"{totals['total']:,}", running=f"{totals['started']:,}",
+        errors=cells["error"], failed=cells["failed"], speed=_e(progress_text(status)), lines="\n".join(lines),
         progress=progress_table(status), chart=wall_time_chart(status["configs"]),
         leases=leases_table(status.get("leases", []), held=totals["started"]),
         events=events_list(status.get("events", [])),
@@ -263,76 +248,53 @@ def _e(value):
     return html.escape(str(value))
 
 
-def _percent(counts):
-    return f"{100 * finished(counts) / counts['total']:.1f}%" if counts["total"] else "0.0%"
+def _cell(text, *classes):
+    css = " ".join(name for name in classes if name)
+    return f'<td class="{css}">{_e(text)}</td>' if css else f"<td>{_e(text)}</td>"
 
 
-def _provision_lease(provision):
-    left = provision["seconds_left"]
-    return "group made" if left is None else (f"lease {left:.0f}s left" if left > 0 else "lease lapsed")
+def _header(columns):
+    return "".join(f'<th class="name">{_e(c)}</th>' if c in LEFT_ALIGNED else f"<th>{_e(c)}</th>" for c in columns)
 
 
-def _replication_text(replication):
-    url = replication["replica_url"]
-    if replication.get("error"):
-        return f"replica {url}: {replication['error']}"
-    if replication.get("seconds_since_sync") is None:
-        return f"replica {url}: no backup yet"
-    state = "in sync" if replication["in_sync"] else "behind"
-    return f"replica {url}: {state}; last change shipped {replication['seconds_since_sync']:.0f}s ago"
-
-
-def _count_cells(counts):
-    cells = []
-    for css, field in COUNT_COLUMNS:
-        value = counts["not_started"] + counts["interrupted"] if field is None else counts[field]
-        cells.append(f'<td class="{css}">{value:,}</td>')
-    return "".join(cells)
+def _progress_cells(counts):
+    """The bar, percentage and count cells of one progress row."""
+    cells = progress_cells(counts)
+    return (f'<td><span class="bar"><span style="width:{100 * cells["fraction"]:.1f}%"></span></span></td>'
+            f'<td class="percent">{cells["percent"]}%</td>'
+            + "".join(_cell(cells[column], column) for column in COUNT_COLUMNS))
 
 
 def progress_table(status):
     configs = status["configs"]
     shown = visible_configs(configs)
-    rows = []
-    for config in shown:
-        mean = config.get("mean_wall_seconds")
-        done = finished(config) / config["total"] if config["total"] else 0
-        rows.append(
-            f'<tr data-config="{_e(config["name"])}"><td class="name">{_e(config["name"])}</td>'
+    rows = [f'<tr data-config="{_e(config["name"])}"><td class="name">{_e(config["name"])}</td>'
             f'<td class="name state state-{_e(config["state"])}">{_e(config["state"])}</td>'
-            f'<td><span class="bar"><span style="width:{100 * done:.1f}%"></span></span></td>'
-            f'<td class="percent">{_percent(config)}</td>{_count_cells(config)}'
-            f'<td class="mean">{"" if mean is None else seconds_text(mean)}</td></tr>')
-    totals = status["totals"]
-    rows.append(f'<tr class="all" id="totals"><td class="name">all</td><td></td><td></td>'
-                f'<td class="percent">{_percent(totals)}</td>{_count_cells(totals)}<td></td></tr>')
+            f'{_progress_cells(config)}<td class="mean">{mean_text(config)}</td></tr>' for config in shown]
+    rows.append(f'<tr class="all" id="totals"><td class="name">all</td><td></td>'
+                f'{_progress_cells(status["totals"])}<td></td></tr>')
     hidden = hidden_summary(configs, shown)
     note = f'<p class="muted">{_e(hidden)}</p>' if hidden else ""
-    head = "".join(f"<th>{name}</th>" for name, _ in COUNT_COLUMNS)
-    return (f'<table id="progress"><tr><th class="name">config</th><th class="name">state</th><th>progress</th>'
-            f'<th>%</th>{head}<th>mean s</th></tr>\n' + "\n".join(rows) + "</table>" + note)
+    return f'<table id="progress"><tr>{_header(PROGRESS_COLUMNS)}</tr>\n' + "\n".join(rows) + "</table>" + note
 
 
 def leases_table(leases, *, held):
     if not leases:
         return '<p class="muted" id="leases">no lease held</p>'
-    more = f" (the {len(leases)} soonest to lapse)" if held > len(leases) else ""
-    rows = "".join(
-        f'<tr><td class="name">{_e(lease["key"])}</td><td class="name">{_e(lease["config"])}</td>'
-        f'<td class="name">{_e(lease["worker"])}</td><td>{lease["attempt"]}</td>'
-        f'<td class="{"lapsed" if lease["seconds_left"] <= 0 else ""}">{lease["seconds_left"]:.0f}</td>'
-        f'<td>{lease["running_seconds"]:.0f}</td></tr>' for lease in leases)
-    return (f'<p>{held:,} held{more}</p><table id="leases"><tr><th class="name">experiment</th>'
-            f'<th class="name">config</th><th class="name">worker</th><th>attempt</th><th>seconds left</th>'
-            f'<th>running s</th></tr>{rows}</table>')
+    rows = "".join("<tr>" + "".join(_cell(row[column], "name" if column in LEFT_ALIGNED else "",
+                                          "lapsed" if column == "left s" and row["lapsed"] else "")
+                                    for column in LEASE_COLUMNS) + "</tr>"
+                   for row in lease_rows(leases))
+    return (f'<p>{_e(leases_text(held, len(leases)))}</p><table id="leases"><tr>{_header(LEASE_COLUMNS)}</tr>'
+            f'{rows}</table>')
 
 
 def events_list(events):
     if not events:
         return '<p class="muted" id="events">nothing yet</p>'
-    items = "".join(f'<li class="kind-{_e(event["kind"])}" data-kind="{_e(event["kind"])}">'
-                    f'<span class="muted">{duration(event["seconds_ago"])} ago</span> {_e(event_text(event))}</li>'
-                    for event in events)
+    items = "".join(f'<li class="kind-{_e(row["kind"])}" data-kind="{_e(row["kind"])}">'
+                    f'<span class="muted">{_e(row["ago"])}</span> {_e(row["text"])}</li>'
+                    for row in event_rows(events))
     return f'<ul class="events" id="events">{items}</ul>'
 
 

@@ -16,8 +16,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import bootstrap as run_control
-from .cli import init_run
+from . import run as run_ops
+from . import states as st
 from .errors import BadInput
 from .export import export
 from .overview import overview
@@ -46,7 +46,7 @@ def fresh_run_dir(run):
     if run.path.exists():
         if not (run.path / MARKER).exists():
             raise BadInput(f"{run.path} exists and is not a demo run directory", hint="pass --dir NEWDIR")
-        run_control.stop(run)
+        run_ops.stop(run)
         shutil.rmtree(run.path)
     run.path.mkdir(parents=True)
     (run.path / MARKER).write_text("made by sdm-peer demo\n")
@@ -58,25 +58,24 @@ def run_demo(run, *, lease_seconds=10.0, console=None):
     plan = demo_plan(run.path / "plan.csv")
     settings = {"provider": "local", "lease_seconds": lease_seconds,
                 "command": [sys.executable, "-m", "sdm_peer.examples.sdm_model"]}
-    init_run(run.db, plan, settings)
+    run_ops.init_run(run.db, plan, settings)
     console.print(f"[bold]sdm-peer demo[/]: {len(SHAPES)} shapes x {len(N_TRAIN) * len(RESOLUTION)} experiments, "
                   f"groups of {GROUP_SIZE} workers, in {run.path}")
     started = time.monotonic()
-    store = Store(run.db, create=False)
     try:
-        run_control.bootstrap(run)
-        status = _watch(store, console, started)
-        out = run.path / "results.csv"
-        export(store, out)
-        console.print(_summary(store))
+        with Store(run.db, create=False) as store:
+            run_ops.bootstrap(run)
+            status = _watch(store, console, started)
+            out = run.path / "results.csv"
+            export(store, out)
+            console.print(_summary(store))
         elapsed = time.monotonic() - started
         done = status["totals"]["done"]
         console.print(f"{done} of {status['totals']['total']} experiments DONE in {elapsed:.1f}s; "
                       f"results in [bold]{out}[/]")
         console.print(f"see the run with: sdm-peer status --dir {run.path}")
     finally:
-        store.close()
-        run_control.stop(run)
+        run_ops.stop(run)
 
 
 def _watch(store, console, started):
@@ -87,7 +86,7 @@ def _watch(store, console, started):
 
     status = overview(store, now=time.time(), with_replication=False)
     with Live(view(status), console=console, refresh_per_second=4, transient=False) as live:
-        while any(config["state"] != "DONE" for config in status["configs"]):
+        while any(config["state"] != st.CONFIG_DONE for config in status["configs"]):
             if time.monotonic() - started > TIMEOUT:
                 raise BadInput(f"the demo did not finish within {TIMEOUT:.0f}s", hint="see the logs in the run directory")
             time.sleep(0.25)

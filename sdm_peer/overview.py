@@ -4,19 +4,36 @@ wall times, idle accounting (workers' seconds alive against seconds running a co
 config and in `idle`) and, when the run replicates, the replica's lag.
 
 One object for `status` (terminal and --json), the server's `status` op and the dashboard, so
-the three never disagree. Times are seconds left or seconds ago, never clock values."""
+the three never disagree. Times are seconds left or seconds ago, never clock values.
+
+What a person reads is computed here too, once: the derived numbers of a progress row (waiting,
+finished, percentage), the throughput and ETA line, the provisioning, replication and idle lines,
+the lease rows and the events' words. view.py (rich) and dashboard.py (HTML) only style them."""
 
 import statistics
 
+from . import states as st
 from .store import idle_fraction
 
 LEASES_SHOWN = 20
 EVENTS_SHOWN = 20
 THROUGHPUT_WINDOW = 300.0  # seconds of DONE attempts the throughput is measured over
+SHOWN_WHEN_MANY = 30  # configs: a longer run shows its live ones and the next few
+WAITING_SHOWN = 5
+
+# The columns of the progress table and of the leases table, in both views.
+PROGRESS_COLUMNS = ("config", "state", "progress", "%", "done", "running", "waiting", "error", "failed", "mean s")
+COUNT_COLUMNS = ("done", "running", "waiting", "error", "failed")  # the counts among them, as progress_cells names them
+LEASE_COLUMNS = ("experiment", "config", "worker", "attempt", "left s", "running s")
 
 
 def finished(counts):
     return counts["done"] + counts["failed"] + counts["legacy"]
+
+
+def waiting(counts):
+    """Experiments that wait for a claim: never started, or interrupted."""
+    return counts["not_started"] + counts["interrupted"]
 
 
 def overview(store, *, now, with_replication=True):
@@ -90,6 +107,98 @@ def replication_of(store):
         return replication_status(store.path, replica_url)
     except ReplicationError as exc:
         return {"replica_url": replica_url, "error": str(exc)}
+
+
+# ---------------------------------------------------------------- what the views show
+
+
+def visible_configs(configs, show_all=False):
+    """The configs worth a row: all of a short run; a long run's live ones and the next few."""
+    if show_all or len(configs) <= SHOWN_WHEN_MANY:
+        return configs
+    live = [c for c in configs if c["state"] in (st.PROVISIONING, st.RUNNING)]
+    return live + [c for c in configs if c["state"] == st.WAITING][:WAITING_SHOWN]
+
+
+def hidden_summary(configs, shown):
+    """'1,990 configs not shown (1,200 DONE, 790 WAITING)', or None when all are shown."""
+    names = {c["name"] for c in shown}
+    by_state = {}
+    for config in configs:
+        if config["name"] not in names:
+            by_state[config["state"]] = by_state.get(config["state"], 0) + 1
+    if not by_state:
+        return None
+    summary = ", ".join(f"{count:,} {state}" for state, count in by_state.items())
+    return f"{sum(by_state.values()):,} configs not shown ({summary})"
+
+
+def progress_cells(counts):
+    """A progress row's numbers (a config's or the totals'): the finished fraction (for a bar),
+    the percentage finished, and the COUNT_COLUMNS as text."""
+    fraction = finished(counts) / counts["total"] if counts["total"] else 0.0
+    lapsed = f" ({counts['expired']} lapsed)" if counts.get("expired") else ""
+    return {"fraction": fraction, "percent": f"{100 * fraction:.1f}", "done": f"{counts['done']:,}",
+            "running": f"{counts['started']:,}{lapsed}", "waiting": f"{waiting(counts):,}",
+            "error": f"{counts['error']:,}", "failed": f"{counts['failed']:,}"}
+
+
+def mean_text(config):
+    """A config's measured mean wall time in seconds, or nothing before the first."""
+    mean = config.get("mean_wall_seconds")
+    return "" if mean is None else seconds_text(mean)
+
+
+def progress_text(status):
+    """Throughput over the recent window and the ETA from measured wall times."""
+    throughput = status.get("throughput") or {}
+    rate = throughput.get("per_minute")
+    speed = ("no result yet" if rate is None
+             else f"{rate:,.1f} done/min over the last {duration(throughput['window_seconds'])}")
+    eta = status.get("eta_seconds")
+    left = "all finished" if eta == 0 else f"ETA {duration(eta)} (from measured wall times)"
+    return f"throughput {speed} · {left}"
+
+
+def provisioning_text(provision):
+    """A group being created: which, by whom, and its provisioning lease."""
+    owner = f" by {provision['owner']}" if provision["owner"] else ""
+    left = provision["seconds_left"]
+    lease = "group made" if left is None else (f"lease {left:.0f}s left" if left > 0 else "lease lapsed")
+    return f"provisioning {provision['config']}{owner} ({lease})"
+
+
+def replication_text(replication):
+    """The replica in one line, and how it stands: "good" (in sync), "late" (behind, or no
+    backup yet) or "error"."""
+    url = replication["replica_url"]
+    if replication.get("error"):
+        return f"replica {url}: {replication['error']}", "error"
+    since = replication.get("seconds_since_sync")
+    if since is None:
+        return f"replica {url}: no backup yet", "late"
+    state = "in sync" if replication["in_sync"] else "behind"
+    return (f"replica {url}: {state}; last change shipped {since:.0f}s ago",
+            "good" if replication["in_sync"] else "late")
+
+
+def leases_text(held, shown):
+    """'12 held, the 8 soonest to lapse' (or all of them: '3 held')."""
+    return f"{held:,} held" + (f", the {shown} soonest to lapse" if held > shown else "")
+
+
+def lease_rows(leases):
+    """The leases as LEASE_COLUMNS' texts, each with `lapsed` (its time is up, not yet taken back)."""
+    return [{"experiment": lease["key"], "config": lease["config"], "worker": lease["worker"],
+             "attempt": str(lease["attempt"]), "left s": f"{lease['seconds_left']:.0f}",
+             "running s": f"{lease['running_seconds']:.0f}", "lapsed": lease["seconds_left"] <= 0}
+            for lease in leases]
+
+
+def event_rows(events):
+    """The feed: each event's kind, how long ago in words, and what happened."""
+    return [{"kind": event["kind"], "ago": f"{duration(event['seconds_ago'])} ago", "text": event_text(event)}
+            for event in events]
 
 
 def event_text(event):

@@ -1,12 +1,16 @@
 """The socket protocol (DESIGN §4): newline-delimited JSON, one request -> one response.
 
-Framing, the error envelope, and validation of every op's arguments live here, so that the
-server only ever sees well-formed requests and every refusal has one shape."""
+Framing, the error envelope and the op table live here: each op's argument spec, its handler
+(a store transition, or the overview) and its lane, in one place per op. The server dispatches
+from the table, so it only ever sees well-formed requests and every refusal has one shape."""
 
+import dataclasses
 import json
 import math
+from typing import Callable
 
 from .errors import BadInput, SdmPeerError
+from .overview import overview
 
 VERSION = 1
 MAX_LINE = 1 << 20  # bytes, newline included
@@ -44,23 +48,69 @@ class Spec:
 
 _KIND_WORDS = {str: "a string", int: "an integer", _NUMBER: "a number", dict: "a JSON object"}
 
+READ, WRITE = "read", "write"  # lanes: the read thread's read-only connection, or the writer's batches
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a handler knows besides its arguments: the server's clock and lease period."""
+    now: float
+    lease_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One op: its arguments, who answers it and on which lane.
+
+    `handler(store, args, context)` returns the result; `one_of` names arguments of which exactly
+    one must be given; a `gathered` op waits RENEW_GATHER_SECONDS for company before its batch
+    starts (renewals come by the thousand and can share one commit)."""
+    args: dict  # name -> Spec
+    handler: Callable
+    lane: str = WRITE
+    one_of: tuple = ()
+    gathered: bool = False
+
+
+def _hello(store, args, context):
+    return {"lease_seconds": context.lease_seconds, **store.hello(**args, now=context.now)}
+
+
+def _status(store, args, context):
+    return overview(store, now=context.now, with_replication=False)  # the server never waits on Litestream
+
+
+def _release(store, args, context):
+    return store.release(**{"reason": "released", **args}, now=context.now)
+
+
+def _transition(method, *, leases=False):
+    """The handler of an op that is the store transition `method` called with the op's
+    arguments and the clock (`leases`: and the lease period, for one that grants or renews)."""
+    def handler(store, args, context):
+        timing = {"lease_seconds": context.lease_seconds} if leases else {}
+        return getattr(store, method)(**args, now=context.now, **timing)
+    return handler
+
+
 SHAPE = {"worker_id": Spec(str), "cores": Spec(int, positive=True), "memory_gb": Spec(_NUMBER, positive=True)}
+# Every op, in the order an unknown op's refusal lists them; the README's protocol table documents each.
 OPS = {
-    "hello": SHAPE,
-    "claim": SHAPE,
-    "renew": {"lease_token": Spec(str, False), "provision_token": Spec(str, False)},
-    "complete": {"lease_token": Spec(str), "result": Spec(dict), "wall_seconds": Spec(_NUMBER)},
-    "fail": {"lease_token": Spec(str), "error": Spec(str, max_len=MAX_ERROR_TEXT),
-             "exit_code": Spec(int, nullable=True), "wall_seconds": Spec(_NUMBER)},
-    "release": {"lease_token": Spec(str, False), "worker_id": Spec(str, False),
-                "reason": Spec(str, False, max_len=1000)},
-    "provisioned": {"provision_token": Spec(str), "worker_id": Spec(str, False)},
-    "acquire_provisioning": {"owner": Spec(str)},
-    "group_deleted": {"config": Spec(str), "worker_id": Spec(str, False)},
-    "status": {},
+    "hello": Op(SHAPE, _hello),
+    "claim": Op(SHAPE, _transition("claim", leases=True)),
+    "renew": Op({"lease_token": Spec(str, False), "provision_token": Spec(str, False)},
+                _transition("renew", leases=True), one_of=("lease_token", "provision_token"), gathered=True),
+    "complete": Op({"lease_token": Spec(str), "result": Spec(dict), "wall_seconds": Spec(_NUMBER)},
+                   _transition("complete")),
+    "fail": Op({"lease_token": Spec(str), "error": Spec(str, max_len=MAX_ERROR_TEXT),
+                "exit_code": Spec(int, nullable=True), "wall_seconds": Spec(_NUMBER)}, _transition("fail")),
+    "release": Op({"lease_token": Spec(str, False), "worker_id": Spec(str, False),
+                   "reason": Spec(str, False, max_len=1000)}, _release, one_of=("lease_token", "worker_id")),
+    "provisioned": Op({"provision_token": Spec(str), "worker_id": Spec(str, False)}, _transition("provisioned")),
+    "acquire_provisioning": Op({"owner": Spec(str)}, _transition("acquire_provisioning")),
+    "group_deleted": Op({"config": Spec(str), "worker_id": Spec(str, False)}, _transition("group_deleted")),
+    "status": Op({}, _status, lane=READ),
 }
-# Exactly one of these must be given.
-ONE_OF = {"renew": ("lease_token", "provision_token"), "release": ("lease_token", "worker_id")}
 
 
 class Request:
@@ -122,7 +172,7 @@ def _finite_float(text):
 
 
 def check_args(op, args):
-    specs = OPS[op]
+    specs, one_of = OPS[op].args, OPS[op].one_of
     unknown = set(args) - set(specs)
     if unknown:
         raise BadInput(f"{op}: unknown argument {sorted(unknown)[0]!r}; expected {', '.join(specs) or 'none'}")
@@ -132,8 +182,8 @@ def check_args(op, args):
             clean[name] = spec.check(op, name, args[name])
         elif spec.required:
             raise BadInput(f"{op}: missing argument {name!r}")
-    if op in ONE_OF and sum(clean.get(name) is not None for name in ONE_OF[op]) != 1:
-        raise BadInput(f"{op}: give exactly one of {' or '.join(ONE_OF[op])}")
+    if one_of and sum(clean.get(name) is not None for name in one_of) != 1:
+        raise BadInput(f"{op}: give exactly one of {' or '.join(one_of)}")
     return clean
 
 

@@ -210,7 +210,7 @@ def metric_section(metric, image, shapes):
             f"<th>mean s</th><th>median s</th><th>p95 s</th></tr>{rows}</table>")
 
 
-HISTORY_COLUMNS = (("attempts", "attempts"), ("done", "DONE"), ("errors", "errors"),
+HISTORY_COLUMNS = (("attempts", "attempts"), ("done", st.DONE), ("errors", "errors"),
                    ("interrupted", "interrupted"), ("expired", "expired"), ("lost_reports", "late reports"),
                    ("failed", "experiments FAILED"))
 

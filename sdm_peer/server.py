@@ -1,20 +1,19 @@
 """`sdm-peer serve`: the socket service in front of the store (DESIGN §4).
 
-asyncio for the connections; every store call runs on one dedicated thread, so there is
-exactly one writer and the event loop never blocks on SQLite. The token is checked in
-constant time on every request and never logged."""
+asyncio for the connections; every op is answered from protocol.OPS: a write-lane op on one
+dedicated thread, so there is exactly one writer and the event loop never blocks on SQLite; a
+read-lane op on a thread and read-only connection of its own. The token is checked in constant
+time on every request and never logged (auth.py)."""
 
 import asyncio
 import concurrent.futures
-import hmac
 import logging
 import os
 import signal
 import time
 
-from . import protocol
+from . import auth, protocol
 from .errors import BadInput, Busy, SdmPeerError, TooLarge, Unauthorized
-from .overview import overview
 from .store import Store
 
 log = logging.getLogger("sdm_peer.server")
@@ -23,35 +22,10 @@ DEFAULT_PORT = 7787
 IDLE_TIMEOUT = 300.0  # seconds; workers renew far more often than this
 MAX_CONNECTIONS = 20_000  # every worker keeps one connection; a big study has tens of thousands
 STOP_GRACE = 10.0  # seconds for in-flight requests to finish on SIGTERM
-AUTH_FAILURES_ALLOWED = 20  # failed authentications per address and window before throttling
-AUTH_WINDOW = 60.0  # seconds
-AUTH_TARPIT = 1.0  # seconds a throttled address waits for each refusal
 # A renewal waits this long for company before its batch starts: thousands of workers renewing
 # every third of a lease then share commits instead of paying one each. Nothing else waits, and
 # any other request starts the batch at once.
 RENEW_GATHER_SECONDS = 0.01
-
-
-class AuthFailures:
-    """Failed authentications per peer address over a sliding window.
-
-    Past the allowance, each further failure from that address is answered only after a delay
-    and its connection closed: a guesser gets about one try a second per connection, while a
-    worker with the right token from the same address is served as before."""
-
-    def __init__(self, allowed=AUTH_FAILURES_ALLOWED, window=AUTH_WINDOW):
-        self.allowed, self.window = allowed, window
-        self.recent = {}  # address -> failure times within the window
-        self.total = 0
-
-    def record(self, address, now):
-        """Count one failure; return True when the address is over its allowance."""
-        self.total += 1
-        times = [t for t in self.recent.get(address, ()) if t > now - self.window] + [now]
-        self.recent[address] = times
-        if len(self.recent) > 10_000:  # forget quiet addresses so the table stays small
-            self.recent = {a: ts for a, ts in self.recent.items() if ts[-1] > now - self.window}
-        return len(times) > self.allowed
 
 
 class Server:
@@ -67,14 +41,14 @@ class Server:
         self.replicated, self.on_listening, self.clock = replicated, on_listening, clock
         self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdm-db")
         self._store = None
-        # `status` reads on a thread and read-only connection of its own: a whole-run overview
-        # (tens of milliseconds for a big study) never holds up the writer.
+        # Read-lane ops (`status`) read on a thread and read-only connection of their own: a
+        # whole-run overview (tens of milliseconds for a big study) never holds up the writer.
         self._read_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdm-read")
         self._read_store = None
         self._connections = set()  # Connection
         self._stopping = None
         self.ssl_context = ssl_context
-        self.auth_failures = AuthFailures()
+        self.throttle = auth.Throttle()
         self.durable = durable
         self._queued = []  # (op, args, deliver) waiting for the next batch
         self._draining = False  # a batch is on the database thread
@@ -84,36 +58,25 @@ class Server:
     # ---------------------------------------------------------------- store side (db thread)
 
     def _open(self):
+        """Open the database and settle the lease period: the run's `lease_seconds` setting, or
+        `--lease-seconds`, which then becomes the setting (so that `hello`'s period and the
+        settings it carries agree). Then give every held lease another period."""
         self._store = Store(self.db_path, replicated=self.replicated, durable=self.durable)
+        stored = float(self._store.settings["lease_seconds"])
         if self.lease_seconds is None:
-            self.lease_seconds = float(self._store.settings["lease_seconds"])
-        extended = self._store.extend_leases(now=self.clock(), seconds=self.lease_seconds)
-        return extended
+            self.lease_seconds = stored
+        elif self.lease_seconds != stored:
+            self._store.set_lease_seconds(self.lease_seconds)
+            log.warning("lease period changed from %gs to %gs (--lease-seconds), stored as the run's lease_seconds "
+                        "setting", stored, self.lease_seconds)
+        return self._store.extend_leases(now=self.clock(), seconds=self.lease_seconds)
 
-    def _dispatch(self, op, args):
-        store, now, lease = self._store, self.clock(), self.lease_seconds
-        if op == "hello":
-            answer = store.hello(args["worker_id"], args["cores"], args["memory_gb"], now=now)
-            return {"lease_seconds": lease, **answer}
-        if op == "claim":
-            return store.claim(args["worker_id"], args["cores"], args["memory_gb"], now=now, lease_seconds=lease)
-        if op == "renew":
-            return store.renew(now=now, lease_seconds=lease, **args)
-        if op == "complete":
-            return store.complete(args["lease_token"], args["result"], args["wall_seconds"], now=now)
-        if op == "fail":
-            return store.fail(args["lease_token"], args["error"], args.get("exit_code"), args["wall_seconds"],
-                              now=now)
-        if op == "release":
-            return store.release(now=now, reason=args.get("reason", "released"),
-                                 lease_token=args.get("lease_token"), worker_id=args.get("worker_id"))
-        if op == "provisioned":
-            return store.provisioned(args["provision_token"], now=now, worker_id=args.get("worker_id"))
-        if op == "acquire_provisioning":
-            return store.acquire_provisioning(args["owner"], now=now)
-        if op == "group_deleted":
-            return store.group_deleted(args["config"], now=now, worker_id=args.get("worker_id"))
-        raise AssertionError(f"op {op!r} passed validation but has no handler")
+    def _context(self):
+        return protocol.Context(now=self.clock(), lease_seconds=self.lease_seconds)
+
+    def _write(self, op, args):
+        """A write-lane op's answer (on the database thread, inside a batch)."""
+        return protocol.OPS[op].handler(self._store, args, self._context())
 
     def _run_batch(self, requests):
         """Every queued request in one transaction (group commit). Each one's outcome is kept
@@ -123,7 +86,7 @@ class Server:
             with self._store.batch():
                 for op, args in requests:
                     try:
-                        outcomes.append((True, self._dispatch(op, args)))
+                        outcomes.append((True, self._write(op, args)))
                     except Exception as exc:  # noqa: BLE001 - each request gets its own answer
                         outcomes.append((False, exc))
         except Exception:
@@ -133,18 +96,18 @@ class Server:
         return outcomes
 
     def _submit(self, op, args, deliver):
-        """Queue a request for the database thread (`status`: for the read thread);
-        `deliver(ok, value)` gets its committed outcome on the event loop. Requests queued while
-        a batch commits form the next batch."""
+        """Queue a request on its op's lane: for the database thread (write), or the read
+        thread; `deliver(ok, value)` gets its committed outcome on the event loop. Requests
+        queued while a batch commits form the next batch."""
         loop = asyncio.get_running_loop()
-        if op == "status":
-            done = self._read_thread.submit(self._status)
+        if protocol.OPS[op].lane == protocol.READ:
+            done = self._read_thread.submit(self._read, op, args)
             done.add_done_callback(lambda outcome: loop.call_soon_threadsafe(_deliver_outcome, deliver, outcome))
             return
         self._queued.append((op, args, deliver))
         if self._draining:
             return
-        if op != "renew" or self.renew_gather <= 0:
+        if not protocol.OPS[op].gathered or self.renew_gather <= 0:
             self._start_draining(loop)
         elif self._gathering is None:
             self._gathering = loop.call_later(self.renew_gather, self._start_draining, loop)
@@ -194,11 +157,11 @@ class Server:
             self._store.close()
             self._store = None
 
-    def _status(self):
-        """The `status` op's answer (on the read thread)."""
+    def _read(self, op, args):
+        """A read-lane op's answer (on the read thread)."""
         if self._read_store is None:
             self._read_store = Store(self.db_path, readonly=True)
-        return overview(self._read_store, now=self.clock(), with_replication=False)  # never wait on Litestream
+        return protocol.OPS[op].handler(self._read_store, args, self._context())
 
     def _close_read_store(self):
         if self._read_store is not None:
@@ -217,8 +180,7 @@ class Server:
         try:
             request = protocol.parse_request(line)
             request_id = request.id
-            token = request.token.encode(errors="surrogatepass") if isinstance(request.token, str) else None
-            if token is None or not hmac.compare_digest(token, self._token):
+            if not auth.matches(request.token, self._token):
                 self._refuse_authentication(connection, request_id)
                 return
         except protocol.RequestError as exc:
@@ -241,18 +203,17 @@ class Server:
 
     def _refuse_authentication(self, connection, request_id):
         """A missing or wrong token: counted per address, throttled past the allowance (the
-        answer then waits AUTH_TARPIT and the connection is closed). The token itself is never
+        answer then waits auth.TARPIT and the connection is closed). The token itself is never
         logged or echoed."""
         address = connection.peer[0] if connection.peer else "unknown"
-        throttled = self.auth_failures.record(address, time.monotonic())
-        if not throttled or len(self.auth_failures.recent[address]) == self.auth_failures.allowed + 1:
+        over = self.throttle.failure(address)
+        if over <= 1:  # each refusal until throttling starts, then quiet
             log.warning("refused a request from %s: missing or wrong token%s", address,
-                        " (throttling this address)" if throttled else "")
-        error = Unauthorized("missing or wrong token" + ("; too many failures from this address, slowed down"
-                                                         if throttled else ""))
+                        " (throttling this address)" if over else "")
+        error = Unauthorized("missing or wrong token" + (f"; {auth.THROTTLED}" if over else ""))
         answer = protocol.encode_error(request_id, error.code, str(error))
-        if throttled:
-            asyncio.get_running_loop().call_later(AUTH_TARPIT, connection.answer, answer, True)
+        if over:
+            asyncio.get_running_loop().call_later(auth.TARPIT, connection.answer, answer, True)
         else:
             connection.answer(answer)
 

@@ -10,8 +10,7 @@ import tomllib
 from pathlib import Path
 
 from .errors import SettingsError
-
-PROVIDERS = ("none", "local", "gce")
+from .providers import base as providers
 
 # Lease timing lives here and only here: workers renew at one third of the lease period.
 DEFAULT_LEASE_SECONDS = 60
@@ -45,8 +44,10 @@ def _boolean(value):
 
 
 def _provider(value):
-    if value not in PROVIDERS:
-        raise ValueError("one of " + ", ".join(PROVIDERS))
+    """`none` (workers started by hand) or a registered provider."""
+    known = ("none", *providers.names())
+    if value not in known:
+        raise ValueError("one of " + ", ".join(known))
     return value
 
 
@@ -84,11 +85,11 @@ def _server(value):
 
 
 def _machine_family(value):
-    from .providers.machine_types import FAMILIES
+    from .providers.gce import MACHINE_FAMILIES
 
     value = value.lower() if isinstance(value, str) else value
-    if value not in FAMILIES:
-        raise ValueError("one of " + ", ".join(FAMILIES))
+    if value not in MACHINE_FAMILIES:
+        raise ValueError("one of " + ", ".join(MACHINE_FAMILIES))
     return value
 
 

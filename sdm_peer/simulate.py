@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from . import settings as settings_mod
+from . import states as st
 from .plan import Config, Experiment, Plan
 from .store import Store, config_name
 from .worker import IDLE_BACKOFF, POLL
@@ -140,7 +141,7 @@ class Simulation:
         while self.queue:
             self.now, _, action, args = heapq.heappop(self.queue)
             action(*args)
-        unfinished = [c["name"] for c in self.configs if self.store.config_state(c["name"]) != "DONE"]
+        unfinished = [c["name"] for c in self.configs if self.store.config_state(c["name"]) != st.CONFIG_DONE]
         assert not unfinished, f"{self.scenario}: configs left unfinished: {unfinished[:5]}"
         makespan = max(event["at"] for event in self.store.events(kind="config_done"))
         self.store.close()
@@ -295,7 +296,7 @@ class Simulation:
         current = self.configs[index]
         if current["name"] not in self.groups:
             self.create_group(current)
-        elif self.store.config_state(current["name"]) == "DONE":
+        elif self.store.config_state(current["name"]) == st.CONFIG_DONE:
             self.delete_group(self.groups[current["name"]])
             index += 1
             if index == len(self.configs):

@@ -4,13 +4,15 @@ Nothing else touches the database. Each transition is one `BEGIN IMMEDIATE` tran
 takes the server's clock as `now` (seconds since the epoch), so tests move time instead of
 sleeping. Lease times leave this module as seconds remaining, never as clock values.
 
-An UPDATE names the statuses it may leave (states.TRANSITIONS) and checks that a row changed:
-a change that matches no row is a refusal (`LeaseLost`), never a silent no-op. A refusal that
-records something (a late result kept in its attempt row) commits that record first.
+Every statement is named (SQL); every move of a status or state runs through `Store._move`,
+which checks it against the transition tables of states.py, whose sources are the UPDATE's guard.
+A guarded change that matches no row is a refusal (`LeaseLost`), never a silent no-op. A refusal
+that records something (a late result kept in its attempt row) commits that record first.
 """
 
 import contextlib
 import json
+import re
 import secrets
 import sqlite3
 from importlib import resources
@@ -23,6 +25,7 @@ from . import states as st
 from .errors import LeaseLost, NoSuchConfig, SdmPeerError
 
 SCHEMA_VERSION = 4
+NOT_HELD = "this lease is no longer held: the experiment was taken back or finished"
 BUSY_TIMEOUT_MS = 10_000
 WAL_CHECKPOINT_PAGES = 4000  # 16 MiB of WAL between automatic checkpoints (SQLite's default: 1000)
 ERROR_TAIL_CHARS = 4000
@@ -43,16 +46,205 @@ def _sql_list(values):
     return "(" + ", ".join("'" + value.replace("'", "''") + "'" for value in values) + ")"
 
 
-CLAIMABLE_SQL = _sql_list(st.TRANSITIONS["claim"][0])
+def _is(column, values):
+    """`column = 'V'` for one value, `column IN ('V', ...)` for more: SQLite matches a partial
+    index's `WHERE status = 'V'` only to the same `=` term, never to `status IN ('V')`."""
+    return f"{column} = {_sql_list(values)[1:-1]}" if len(values) == 1 else f"{column} IN {_sql_list(values)}"
+
+
 UNFINISHED_SQL = _sql_list(st.UNFINISHED)
 UNSUCCESSFUL_SQL = _sql_list(st.UNSUCCESSFUL)
+IS_STARTED = _is("status", (st.STARTED,))
 
-# The claim query; its WHERE clause matches the partial index `experiments_claimable`.
-CLAIM_NEXT_SQL = f"""
-    SELECT id, key, params, attempts FROM experiments
-    WHERE config = :config AND status IN {CLAIMABLE_SQL}
-    ORDER BY id LIMIT 1
-"""
+# Every statement that reads or writes rows, by name (procrastinate's named queries): a method
+# runs `SQL[name]`, and a test can EXPLAIN QUERY PLAN each hot one. Statements that move rows
+# from one status or state to another are in MOVES below and join this table by their names.
+QUERIES = {
+    # ------------------------------------------------------------ settings and plan
+    "settings": "SELECT key, value FROM settings",
+    "setting": "SELECT value FROM settings WHERE key = ?",
+    "setting_put": "INSERT INTO settings (key, value) VALUES (?, ?)"
+                   " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    "config_of_shape": "SELECT id, name, state, cores, memory_gb FROM configs WHERE cores = ? AND memory_gb = ?",
+    "config_names": "SELECT name FROM configs ORDER BY sequence LIMIT 8",
+    "config_add": "INSERT INTO configs (name, cores, memory_gb, sequence, group_size)"
+                  " VALUES (?, ?, ?, (SELECT COALESCE(MAX(sequence), 0) + 1 FROM configs), ?) RETURNING id",
+    "experiment_add": "INSERT INTO experiments (key, config, params, updated_at) VALUES (?, ?, ?, ?)"
+                      " ON CONFLICT (key) DO NOTHING",
+    # ------------------------------------------------------------ workers
+    "worker_touch": "INSERT INTO workers (id, cores, memory_gb, first_seen, last_seen) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET cores = excluded.cores, memory_gb = excluded.memory_gb,"
+                    " last_seen = excluded.last_seen",
+    "worker_renewed": "UPDATE workers SET last_seen = ? WHERE id = ?",
+    "worker_seen": "UPDATE workers SET last_seen = MAX(last_seen, ?) WHERE id = ?",
+    "idle_workers": f"""SELECT COUNT(*) FROM workers w
+        WHERE w.cores = :cores AND w.memory_gb = :memory_gb AND w.last_seen >= :since
+          AND NOT EXISTS (SELECT 1 FROM departures d WHERE d.worker = w.id)
+          AND NOT EXISTS (SELECT 1 FROM experiments e WHERE e.config = :config
+                          AND e.{IS_STARTED} AND e.lease_owner = w.id)""",
+    "departure_add": "INSERT INTO departures (worker, config, left_at) VALUES (?, ?, ?)",
+    "departure_cancel": "DELETE FROM departures WHERE worker = ?",
+    # ------------------------------------------------------------ leases
+    # The claim query; its WHERE clause matches the partial index `experiments_claimable`.
+    "claim_next": f"""SELECT id, key, params, attempts FROM experiments
+        WHERE config = :config AND {_is("status", st.leaving(st.EXPERIMENT_TRANSITIONS, "claim"))}
+        ORDER BY id LIMIT 1""",
+    "attempt_add": "INSERT INTO attempts (experiment, number, worker, lease_token, claimed_at) VALUES (?, ?, ?, ?, ?)",
+    "expired_leases": f"SELECT id, config, lease_token, lease_owner FROM experiments"
+                      f" WHERE config = ? AND {IS_STARTED} AND lease_expires_at <= ?",
+    "next_expiry": f"SELECT MIN(lease_expires_at) FROM experiments WHERE config = ? AND {IS_STARTED}",
+    "leases_of_token": f"SELECT id, config, lease_token, lease_owner FROM experiments"
+                       f" WHERE lease_token = ? AND {IS_STARTED}",
+    "leases_of_worker": f"SELECT id, config, lease_token, lease_owner FROM experiments"
+                        f" WHERE lease_owner = ? AND {IS_STARTED}",
+    "attempt_end": "UPDATE attempts SET outcome = ?, ended_at = ?, wall_seconds = ?, exit_code = ?, error = ?"
+                   " WHERE lease_token = ? AND outcome IS NULL RETURNING worker",
+    "attempt_of_lease": "SELECT a.outcome, e.status FROM attempts a JOIN experiments e ON e.id = a.experiment"
+                        " WHERE a.lease_token = ?",
+    "attempt_lost": "UPDATE attempts SET outcome = ?, wall_seconds = ?, exit_code = ?, error = ?, result = ?"
+                    " WHERE lease_token = ?",
+    # ------------------------------------------------------------ configs and hand-off
+    # Named statuses, not NOT IN: a seek per status in experiments_config_status, instead of a
+    # walk over every finished row of the config.
+    "config_unfinished": f"SELECT EXISTS (SELECT 1 FROM experiments WHERE config = ? AND status IN {UNFINISHED_SQL})",
+    "config_progress": "SELECT name, state FROM configs WHERE id = ?",
+    "handed_off": "SELECT EXISTS (SELECT 1 FROM events WHERE kind = 'handoff' AND json_extract(detail, '$.from') = ?)",
+    # When the earliest outstanding provisioning lease lapses; configs_provisioning holds exactly those.
+    "pending_provision": "SELECT MIN(provision_expires_at) FROM configs WHERE provision_expires_at IS NOT NULL",
+    "provision_takeover": """UPDATE configs SET provision_owner = ?, provision_token = ?, provision_expires_at = ?
+        WHERE id = (SELECT id FROM configs WHERE provision_expires_at <= ? ORDER BY sequence LIMIT 1)
+        RETURNING name, cores, memory_gb, group_size, provision_token""",
+    "provision_renew": "UPDATE configs SET provision_expires_at = ? WHERE provision_token = ?"
+                       " AND provision_expires_at IS NOT NULL RETURNING id",
+    "provision_of_token": "SELECT id, name, provisioned_at FROM configs WHERE provision_token = ?",
+    "provision_made": "UPDATE configs SET provisioned_at = ?, provision_expires_at = NULL WHERE id = ?",
+    "provision_extend": "UPDATE configs SET provision_expires_at = MAX(provision_expires_at, :now) + :seconds"
+                        " WHERE provision_expires_at IS NOT NULL",
+    "configs_active": f"SELECT EXISTS (SELECT 1 FROM configs"
+                      f" WHERE state IN {_sql_list((st.PROVISIONING, st.RUNNING))})",
+    "config_state": "SELECT state FROM configs WHERE name = ?",
+    # ------------------------------------------------------------ events
+    "event_add": "INSERT INTO events (at, kind, config, worker, detail) VALUES (?, ?, ?, ?, ?)",
+    "group_deleted_seen": "SELECT EXISTS (SELECT 1 FROM events WHERE kind = 'group_deleted' AND config = ?)",
+    "events": "SELECT at, kind, config, worker, detail FROM events ORDER BY id",
+    "events_of_kind": "SELECT at, kind, config, worker, detail FROM events WHERE kind = ? ORDER BY id",
+    # ------------------------------------------------------------ reading
+    "status_configs": "SELECT id, name, cores, memory_gb, sequence, group_size, state FROM configs ORDER BY sequence",
+    "status_counts": "SELECT config, status, COUNT(*) FROM experiments GROUP BY config, status",
+    "status_expired": f"SELECT config, COUNT(*) FROM experiments WHERE {IS_STARTED}"
+                      f" AND lease_expires_at <= ? GROUP BY config",
+    "attempts": "SELECT e.key, a.number, a.worker, a.claimed_at, a.ended_at, a.outcome, a.wall_seconds,"
+                " a.exit_code, a.error, a.result FROM attempts a JOIN experiments e ON e.id = a.experiment"
+                " ORDER BY a.id",
+    "attempts_of_key": "SELECT e.key, a.number, a.worker, a.claimed_at, a.ended_at, a.outcome, a.wall_seconds,"
+                       " a.exit_code, a.error, a.result FROM attempts a JOIN experiments e ON e.id = a.experiment"
+                       " WHERE e.key = ? ORDER BY a.id",
+    "experiments": """SELECT e.key, c.name AS config, c.cores, c.memory_gb, e.status, e.attempts, e.failures,
+                          e.interruptions, e.wall_seconds, e.failed_reason, e.params, e.result
+                   FROM experiments e JOIN configs c ON c.id = e.config ORDER BY c.sequence, e.id""",
+    "leases": f"""SELECT e.key, c.name AS config, e.lease_owner AS worker, a.number AS attempt,
+                     e.lease_expires_at - :now AS seconds_left, :now - a.claimed_at AS running_seconds
+              FROM experiments e JOIN configs c ON c.id = e.config JOIN attempts a ON a.lease_token = e.lease_token
+              WHERE e.{IS_STARTED} ORDER BY e.lease_expires_at LIMIT :limit""",
+    "provisioning": f"""SELECT name AS config, provision_owner AS owner, provision_expires_at - ? AS seconds_left
+                    FROM configs WHERE state = '{st.PROVISIONING}' OR provision_expires_at IS NOT NULL
+                    ORDER BY sequence""",
+    "recent_events": "SELECT at, kind, config, worker, NULL AS key, detail FROM events WHERE kind != 'config_added'"
+                     " ORDER BY id DESC LIMIT ?",
+    "recent_attempts": f"""SELECT a.ended_at AS at, lower(a.outcome) AS kind, c.name AS config, a.worker, e.key,
+                              a.exit_code, a.error
+                       FROM attempts a JOIN experiments e ON e.id = a.experiment JOIN configs c ON c.id = e.config
+                       WHERE a.outcome IN {UNSUCCESSFUL_SQL} ORDER BY a.ended_at DESC LIMIT ?""",
+    "timings_per_config": f"SELECT c.name, COUNT(e.wall_seconds) AS n, AVG(e.wall_seconds) AS mean FROM experiments e"
+                          f" JOIN configs c ON c.id = e.config WHERE e.status = '{st.DONE}' GROUP BY c.id",
+    "timings_recent": f"SELECT COUNT(*) FROM attempts WHERE outcome = '{st.DONE}' AND ended_at > ?",
+    "first_claim": "SELECT claimed_at FROM attempts ORDER BY id LIMIT 1",
+    "attempt_history": """SELECT c.name AS config, c.cores, c.memory_gb, a.outcome, COUNT(a.id) AS count,
+                                 COALESCE(SUM(COALESCE(a.wall_seconds, a.ended_at - a.claimed_at)), 0) AS seconds
+                          FROM configs c LEFT JOIN experiments e ON e.config = c.id
+                          LEFT JOIN attempts a ON a.experiment = e.id
+                          GROUP BY c.id, a.outcome ORDER BY c.sequence""",
+    "idle_accounting": """WITH alive AS (
+            SELECT c.id, COUNT(w.id) AS workers, COALESCE(SUM(w.last_seen - w.first_seen), 0) AS seconds
+            FROM configs c LEFT JOIN workers w ON w.cores = c.cores AND w.memory_gb = c.memory_gb
+            GROUP BY c.id),
+        busy AS (
+            SELECT e.config AS id, SUM(COALESCE(a.wall_seconds, COALESCE(a.ended_at, :now) - a.claimed_at)) AS seconds
+            FROM attempts a JOIN experiments e ON e.id = a.experiment GROUP BY e.config)
+        SELECT c.name AS config, alive.workers, alive.seconds AS worker_seconds,
+               COALESCE(busy.seconds, 0) AS busy_seconds
+        FROM configs c JOIN alive ON alive.id = c.id LEFT JOIN busy ON busy.id = c.id
+        ORDER BY c.sequence""",
+    "integrity_check": "PRAGMA integrity_check",
+}
+
+# Taking a lease back, released or expired: INTERRUPTED or NOT STARTED, FAILED once the
+# interruption budget is spent.
+_INTERRUPT = """UPDATE experiments SET
+        interruptions = interruptions + 1,
+        status = CASE WHEN interruptions + 1 >= :max THEN :gave_up ELSE :to END,
+        failed_reason = CASE WHEN interruptions + 1 >= :max
+            THEN 'interrupted ' || (interruptions + 1) || ' times (max_interruptions)' END,
+        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = :now
+    WHERE id = :id AND lease_token = :token AND {leaving} RETURNING id"""
+
+# The statements that move rows: name -> (table, event of its transition table, text). The
+# text's `{leaving}` becomes the guard the event's sources give; the status it writes is bound
+# as :to (and :gave_up: FAILED, when a budget ran out), so it writes only what _move checked.
+# Renewals write no status (a rewritten status would rewrite four indexes on every renewal).
+MOVES = {
+    "claim": ("experiments", "claim", """UPDATE experiments SET status = :to, lease_owner = :worker,
+            lease_token = :token, lease_expires_at = :expires, attempts = attempts + 1, updated_at = :now
+        WHERE id = :id AND {leaving} RETURNING id"""),
+    # A lease the worker already holds in the config, handed to it again.
+    "reissue": ("experiments", "renew", """UPDATE experiments SET lease_expires_at = :expires, updated_at = :now
+        WHERE id = (SELECT id FROM experiments WHERE config = :config AND {leaving}
+                    AND lease_owner = :worker ORDER BY id LIMIT 1)
+        RETURNING key, params, lease_token, attempts"""),
+    "renew": ("experiments", "renew", """UPDATE experiments SET lease_expires_at = :expires, updated_at = :now
+        WHERE lease_token = :token AND {leaving} RETURNING lease_owner"""),
+    "extend_leases": ("experiments", "renew", """UPDATE experiments
+        SET lease_expires_at = MAX(lease_expires_at, :now) + :seconds WHERE {leaving} RETURNING id"""),
+    "complete": ("experiments", "complete", """UPDATE experiments SET status = :to, result = :result,
+            wall_seconds = :wall, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = :now
+        WHERE lease_token = :token AND {leaving} RETURNING id, config"""),
+    "fail": ("experiments", "fail", """UPDATE experiments SET
+            failures = failures + 1,
+            status = CASE WHEN failures + 1 >= :max THEN :gave_up ELSE :to END,
+            failed_reason = CASE WHEN failures + 1 >= :max
+                THEN 'failed ' || (failures + 1) || ' times (max_failures): ' || :error END,
+            wall_seconds = :wall, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = :now
+        WHERE lease_token = :token AND {leaving} RETURNING id, config, status"""),
+    "release": ("experiments", "release", _INTERRUPT),
+    "expire": ("experiments", "expire", _INTERRUPT),
+    "config_handoff": ("configs", "handoff", """UPDATE configs SET state = :to, provision_owner = :owner,
+            provision_token = :token, provision_expires_at = :expires
+        WHERE id = (SELECT id FROM configs WHERE {leaving} ORDER BY sequence LIMIT 1)
+        RETURNING name, cores, memory_gb, group_size, provision_token"""),
+    "config_first_claim": ("configs", "first_claim", "UPDATE configs SET state = :to WHERE id = :id AND {leaving}"
+                                                     " RETURNING id"),
+    "config_finish": ("configs", "finish", """UPDATE configs SET state = :to, done_at = :now,
+            provision_expires_at = NULL WHERE id = :id AND {leaving} RETURNING name"""),
+    "config_reopen": ("configs", "reopen", f"""UPDATE configs SET state = :to, done_at = NULL
+        WHERE {{leaving}} AND EXISTS (SELECT 1 FROM experiments e WHERE e.config = configs.id
+                                      AND e.status IN {UNFINISHED_SQL})
+        RETURNING name"""),
+}
+
+# table -> (its status column, its transition table)
+TRANSITION_TABLES = {"experiments": ("status", st.EXPERIMENT_TRANSITIONS),
+                     "configs": ("state", st.CONFIG_TRANSITIONS)}
+
+
+def _guarded(table, event, text):
+    column, transitions = TRANSITION_TABLES[table]
+    return text.replace("{leaving}", _is(column, st.leaving(transitions, event)))
+
+
+SQL = {**QUERIES, **{name: _guarded(table, event, text) for name, (table, event, text) in MOVES.items()}}
+
+# The claim's check that spares the config's UPDATE on all but its first claim.
+FIRST_CLAIM_FROM = st.leaving(st.CONFIG_TRANSITIONS, "first_claim")
 
 
 def connect(path, *, replicated=False, durable=False):
@@ -124,6 +316,12 @@ class Store:
     def close(self):
         self.conn.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
     @contextlib.contextmanager
     def _write(self):
         """One write transaction; BEGIN IMMEDIATE takes the write lock up front so two
@@ -180,7 +378,7 @@ class Store:
     # ---------------------------------------------------------------- settings and plan
 
     def load_settings(self):
-        rows = self.conn.execute("SELECT key, value FROM settings").fetchall()
+        rows = self.conn.execute(SQL["settings"]).fetchall()
         return settings_mod.with_defaults({row["key"]: json.loads(row["value"]) for row in rows})
 
     def import_plan(self, plan, *, settings=None, now):
@@ -191,45 +389,40 @@ class Store:
         settings = settings or {}
         added_configs = added_experiments = 0
         with self._write() as db:
-            db.executemany(
-                "INSERT INTO settings (key, value) VALUES (?, ?)"
-                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [(key, json.dumps(value)) for key, value in settings.items()])
+            db.executemany(SQL["setting_put"], [(key, json.dumps(value)) for key, value in settings.items()])
             group_size = self._setting(db, "group_size")
             config_ids = {}
             for config in plan.configs:
-                row = db.execute("SELECT id FROM configs WHERE cores = ? AND memory_gb = ?",
-                                 (config.cores, config.memory_gb)).fetchone()
+                row = db.execute(SQL["config_of_shape"], (config.cores, config.memory_gb)).fetchone()
                 if row is None:
                     row = db.execute(
-                        "INSERT INTO configs (name, cores, memory_gb, sequence, group_size)"
-                        " VALUES (?, ?, ?, (SELECT COALESCE(MAX(sequence), 0) + 1 FROM configs), ?)"
-                        " RETURNING id",
-                        (config_name(config.cores, config.memory_gb), config.cores, config.memory_gb,
+                        SQL["config_add"], (config_name(config.cores, config.memory_gb), config.cores, config.memory_gb,
                          config.group_size or group_size)).fetchone()
                     self._event(db, now, "config_added", config_name(config.cores, config.memory_gb))
                     added_configs += 1
                 config_ids[config.name] = row["id"]
             before = db.total_changes
             db.executemany(
-                "INSERT INTO experiments (key, config, params, updated_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (key) DO NOTHING",
+                SQL["experiment_add"],
                 ((exp.key, config_ids[exp.config], json.dumps(exp.params), now) for exp in plan.experiments))
             added_experiments = db.total_changes - before
-            reopened = db.execute(
-                f"""UPDATE configs SET state = '{st.WAITING}', done_at = NULL
-                    WHERE state = '{st.CONFIG_DONE}' AND EXISTS (
-                        SELECT 1 FROM experiments e WHERE e.config = configs.id
-                        AND e.status IN {UNFINISHED_SQL})
-                    RETURNING name""").fetchall()
+            reopened = self._move(db, "config_reopen", {}, to=st.WAITING)
             for row in reopened:
                 self._event(db, now, "config_reopened", row["name"])
         self.settings = self.load_settings()
         return {"configs_added": added_configs, "experiments_added": added_experiments,
                 "configs_reopened": len(reopened)}
 
+    def set_lease_seconds(self, seconds):
+        """Make `seconds` the run's lease period (the `lease_seconds` setting): a server started
+        with another period stores it, so the period it grants and the settings agree."""
+        with self._write() as db:
+            db.execute("INSERT INTO settings (key, value) VALUES ('lease_seconds', ?)"
+                       " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (json.dumps(seconds),))
+        self.settings = self.load_settings()
+
     def _setting(self, db, key):
-        row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        row = db.execute(SQL["setting"], (key,)).fetchone()
         return json.loads(row["value"]) if row else settings_mod.DEFAULTS.get(key)
 
     # ---------------------------------------------------------------- worker transitions
@@ -248,13 +441,13 @@ class Store:
         with self._write() as db:
             self._touch_worker(db, worker_id, cores, memory_gb, now)
             if self.settings["shrink"]:  # a departed worker asking again did not leave after all
-                db.execute("DELETE FROM departures WHERE worker = ?", (worker_id,))
+                db.execute(SQL["departure_cancel"], (worker_id,))
             config = self._config_for_shape(db, cores, memory_gb)
             provision = None
             if config["state"] != st.CONFIG_DONE:
                 provision = self._reclaim_expired(db, config["id"], now, worker_id)
             experiment = self._held_by(db, config["id"], worker_id, now, lease_seconds)
-            row = None if experiment else db.execute(CLAIM_NEXT_SQL, {"config": config["id"]}).fetchone()
+            row = None if experiment else db.execute(SQL["claim_next"], {"config": config["id"]}).fetchone()
             if row is not None:
                 experiment = self._start(db, row, config, worker_id, now, lease_seconds)
                 if self.settings["prewarm"]:
@@ -273,7 +466,7 @@ class Store:
         """The claim that took the config's last claimable experiment hands off the next WAITING
         config now, so its group boots while this one's tail runs. At most once per config: an
         ERROR or a lapsed lease can make the config claimable again, but the hand-off happened."""
-        left = db.execute(CLAIM_NEXT_SQL, {"config": config["id"]}).fetchone()
+        left = db.execute(SQL["claim_next"], {"config": config["id"]}).fetchone()
         if left is not None or self.settings["provider"] == "none" or self._handed_off(db, config["name"]):
             return None
         provision = self._lease_next_waiting(db, worker_id, now)
@@ -285,8 +478,7 @@ class Store:
     @staticmethod
     def _handed_off(db, config_name):
         """Did this config already hand off the next one (pre-warming)?"""
-        return db.execute("SELECT EXISTS (SELECT 1 FROM events WHERE kind = 'handoff'"
-                          " AND json_extract(detail, '$.from') = ?)", (config_name,)).fetchone()[0]
+        return db.execute(SQL["handed_off"], (config_name,)).fetchone()[0]
 
     def _leave_group(self, db, config, worker_id, now):
         """Shrinking: may this worker, which found nothing to claim, leave its group? Yes while
@@ -294,61 +486,46 @@ class Store:
         (an idle worker asks at least that often), holding no lease, not departed. A worker
         told to leave is recorded as departed in the same transaction, so two idle workers
         asking at once never both leave the reserve empty."""
-        idle = db.execute(
-            f"""SELECT COUNT(*) FROM workers w
-                WHERE w.cores = :cores AND w.memory_gb = :memory_gb AND w.last_seen >= :since
-                  AND NOT EXISTS (SELECT 1 FROM departures d WHERE d.worker = w.id)
-                  AND NOT EXISTS (SELECT 1 FROM experiments e WHERE e.config = :config
-                                  AND e.status = '{st.STARTED}' AND e.lease_owner = w.id)""",
-            {"cores": config["cores"], "memory_gb": config["memory_gb"], "config": config["id"],
-             "since": now - self.settings["lease_seconds"]}).fetchone()[0]
+        idle = db.execute(SQL["idle_workers"], {"cores": config["cores"], "memory_gb": config["memory_gb"],
+                                                "config": config["id"],
+                                                "since": now - self.settings["lease_seconds"]}).fetchone()[0]
         if idle <= IDLE_RESERVE:
             return False
-        db.execute("INSERT INTO departures (worker, config, left_at) VALUES (?, ?, ?)",
-                   (worker_id, config["id"], now))
+        db.execute(SQL["departure_add"], (worker_id, config["id"], now))
         return True
 
-    @staticmethod
-    def _held_by(db, config_id, worker_id, now, lease_seconds):
+    def _held_by(self, db, config_id, worker_id, now, lease_seconds):
         """A lease this worker already holds in the config, renewed. A worker claims only when
         it runs nothing, so such a lease is one whose claim answer never reached it (a dropped
         connection): it gets the same lease again instead of a second one left to lapse."""
-        row = db.execute(
-            f"UPDATE experiments SET lease_expires_at = ?, updated_at = ?"
-            f" WHERE id = (SELECT id FROM experiments WHERE config = ? AND status = '{st.STARTED}'"
-            f"             AND lease_owner = ? ORDER BY id LIMIT 1)"
-            f" RETURNING key, params, lease_token, attempts",
-            (now + lease_seconds, now, config_id, worker_id)).fetchone()
-        if row is None:
+        held = self._move(db, "reissue", {"expires": now + lease_seconds, "now": now, "config": config_id,
+                                          "worker": worker_id}, to=st.STARTED)
+        if not held:
             return None
+        row = held[0]
         return {"key": row["key"], "params": json.loads(row["params"]), "lease_token": row["lease_token"],
                 "lease_seconds_left": lease_seconds, "attempt": row["attempts"]}
 
     def _start(self, db, row, config, worker_id, now, lease_seconds):
         token = secrets.token_urlsafe(18)
-        changed = db.execute(
-            f"""UPDATE experiments SET status = '{st.STARTED}', lease_owner = ?, lease_token = ?,
-                    lease_expires_at = ?, attempts = attempts + 1, updated_at = ?
-                WHERE id = ? AND status IN {CLAIMABLE_SQL}""",
-            (worker_id, token, now + lease_seconds, now, row["id"])).rowcount
-        assert changed == 1, "claim raced inside its own write transaction"
+        self._move(db, "claim", {"worker": worker_id, "token": token, "expires": now + lease_seconds, "now": now,
+                                 "id": row["id"]},
+                   to=st.STARTED, refusal=st.IllegalTransition("claim raced inside its own write transaction"))
         number = row["attempts"] + 1
-        db.execute("INSERT INTO attempts (experiment, number, worker, lease_token, claimed_at)"
-                   " VALUES (?, ?, ?, ?, ?)", (row["id"], number, worker_id, token, now))
-        if config["state"] in (st.WAITING, st.PROVISIONING):
+        db.execute(SQL["attempt_add"], (row["id"], number, worker_id, token, now))
+        if config["state"] in FIRST_CLAIM_FROM:
             # A worker of this shape is proof that its group exists.
-            db.execute(f"UPDATE configs SET state = '{st.RUNNING}' WHERE id = ?", (config["id"],))
+            self._move(db, "config_first_claim", {"id": config["id"]}, to=st.RUNNING,
+                       refusal=st.IllegalTransition("config changed state inside its own write transaction"))
             self._event(db, now, "config_running", config["name"], worker_id)
         return {"key": row["key"], "params": json.loads(row["params"]), "lease_token": token,
                 "lease_seconds_left": lease_seconds, "attempt": number}
 
     def _progress(self, db, config_id, now):
         """What a worker of this config should do when it got no experiment: wait, or stop."""
-        config = db.execute("SELECT name, state FROM configs WHERE id = ?", (config_id,)).fetchone()
+        config = db.execute(SQL["config_progress"], (config_id,)).fetchone()
         done = config["state"] == st.CONFIG_DONE
-        next_expiry = db.execute(
-            f"SELECT MIN(lease_expires_at) FROM experiments WHERE config = ? AND status = '{st.STARTED}'",
-            (config_id,)).fetchone()[0]
+        next_expiry = db.execute(SQL["next_expiry"], (config_id,)).fetchone()[0]
         pending = self._pending_provision(db)
         waits = [moment - now for moment in (next_expiry, pending) if moment is not None]
         return {"config": config["name"], "config_done": done, "handoff_pending": pending is not None,
@@ -360,20 +537,13 @@ class Store:
         with self._write() as db:
             if provision_token is not None:
                 seconds = self.settings["provision_lease_seconds"]
-                row = db.execute(
-                    "UPDATE configs SET provision_expires_at = ? WHERE provision_token = ?"
-                    " AND provision_expires_at IS NOT NULL RETURNING id",
-                    (now + seconds, provision_token)).fetchone()
+                row = db.execute(SQL["provision_renew"], (now + seconds, provision_token)).fetchone()
                 if row is None:
                     raise LeaseLost("this provisioning lease is no longer held")
                 return {"lease_seconds_left": seconds}
-            row = db.execute(
-                f"UPDATE experiments SET lease_expires_at = ?, updated_at = ?"
-                f" WHERE lease_token = ? AND status = '{st.STARTED}' RETURNING lease_owner",
-                (now + lease_seconds, now, lease_token)).fetchone()
-            if row is None:
-                raise LeaseLost("this lease is no longer held: the experiment was taken back or finished")
-            db.execute("UPDATE workers SET last_seen = ? WHERE id = ?", (now, row["lease_owner"]))
+            (row,) = self._move(db, "renew", {"expires": now + lease_seconds, "now": now, "token": lease_token},
+                                to=st.STARTED, refusal=LeaseLost(NOT_HELD))
+            db.execute(SQL["worker_renewed"], (now, row["lease_owner"]))
         return {"lease_seconds_left": lease_seconds}
 
     def complete(self, lease_token, result, wall_seconds, *, now):
@@ -381,19 +551,16 @@ class Store:
             raise SdmPeerError("a result must be a JSON object")
         result_json = json.dumps(result)
         with self._write() as db:
-            row = db.execute(
-                f"""UPDATE experiments SET status = '{st.DONE}', result = ?, wall_seconds = ?,
-                        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = ?
-                    WHERE lease_token = ? AND status = '{st.STARTED}' RETURNING id, config""",
-                (result_json, wall_seconds, now, lease_token)).fetchone()
-            if row is None:
+            moved = self._move(db, "complete", {"result": result_json, "wall": wall_seconds, "now": now,
+                                                "token": lease_token}, to=st.DONE)
+            if not moved:
                 refusal = self._late_report(db, lease_token, st.DONE, now, wall_seconds=wall_seconds,
                                             exit_code=0, result=result_json)
             else:
                 refusal = None
                 worker = self._end_attempt(db, lease_token, st.DONE, now, wall_seconds=wall_seconds, exit_code=0)
                 self._seen(db, worker, now)
-                config_done, provision = self._finish_if_complete(db, row["config"], now, worker)
+                config_done, provision = self._finish_if_complete(db, moved[0]["config"], now, worker)
         if refusal is not None:
             return self._refuse_or_repeat(refusal)
         return {"status": st.DONE, "config_done": config_done, "provision": provision}
@@ -403,18 +570,9 @@ class Store:
         error = (error or "")[-ERROR_TAIL_CHARS:]
         max_failures = self.settings["max_failures"]
         with self._write() as db:
-            row = db.execute(
-                f"""UPDATE experiments SET
-                        failures = failures + 1,
-                        status = CASE WHEN failures + 1 >= :max THEN '{st.FAILED}' ELSE '{st.ERROR}' END,
-                        failed_reason = CASE WHEN failures + 1 >= :max
-                            THEN 'failed ' || (failures + 1) || ' times (max_failures): ' || :error END,
-                        wall_seconds = :wall, lease_owner = NULL, lease_token = NULL,
-                        lease_expires_at = NULL, updated_at = :now
-                    WHERE lease_token = :token AND status = '{st.STARTED}' RETURNING id, config, status""",
-                {"max": max_failures, "error": error[-500:], "wall": wall_seconds, "now": now,
-                 "token": lease_token}).fetchone()
-            if row is None:
+            moved = self._move(db, "fail", {"max": max_failures, "error": error[-500:], "wall": wall_seconds,
+                                            "now": now, "token": lease_token}, to=st.ERROR, gave_up=st.FAILED)
+            if not moved:
                 refusal = self._late_report(db, lease_token, st.ERROR, now, wall_seconds=wall_seconds,
                                             exit_code=exit_code, error=error)
             else:
@@ -422,22 +580,20 @@ class Store:
                 worker = self._end_attempt(db, lease_token, st.ERROR, now, wall_seconds=wall_seconds,
                                            exit_code=exit_code, error=error)
                 self._seen(db, worker, now)
-                config_done, provision = self._finish_if_complete(db, row["config"], now, worker)
+                config_done, provision = self._finish_if_complete(db, moved[0]["config"], now, worker)
         if refusal is not None:
             return self._refuse_or_repeat(refusal)
-        return {"status": row["status"], "config_done": config_done, "provision": provision}
+        return {"status": moved[0]["status"], "config_done": config_done, "provision": provision}
 
     def release(self, *, now, reason, lease_token=None, worker_id=None):
         """Give leases back (shutdown, SIGTERM, preemption): INTERRUPTED, or FAILED once
         `max_interruptions` is reached. By token, a lease not held is refused; by worker id,
         releasing nothing is fine (the shutdown script of an idle VM)."""
-        column, value = ("lease_token", lease_token) if lease_token is not None else ("lease_owner", worker_id)
+        query, value = ("leases_of_token", lease_token) if lease_token is not None else ("leases_of_worker", worker_id)
         with self._write() as db:
-            rows = db.execute(
-                f"SELECT id, config, lease_token, lease_owner FROM experiments"
-                f" WHERE {column} = ? AND status = '{st.STARTED}'", (value,)).fetchall()
+            rows = db.execute(SQL[query], (value,)).fetchall()
             if not rows and lease_token is not None:
-                raise LeaseLost("this lease is no longer held: the experiment was taken back or finished")
+                raise LeaseLost(NOT_HELD)
             for row in rows:
                 # A stopping worker cannot provision: a hand-off its release causes goes to
                 # whoever asks next, at once.
@@ -445,21 +601,26 @@ class Store:
                                 reason=f"released: {reason}")
         return {"released": len(rows)}
 
+    @staticmethod
+    def _move(db, name, params, *, to, gave_up=None, refusal=None):
+        """Run MOVES[name], which moves rows by one event of their transition table, to `to` (and
+        to `gave_up` where a budget ran out). Its guard is the event's sources in the table; a
+        target the table does not allow for the event is refused before anything runs. Returns
+        the rows moved. None moved is a refusal when `refusal` names one, else an answer the
+        caller acts on (nothing WAITING to hand off, no lease held by this worker)."""
+        table, event, _ = MOVES[name]
+        st.leaving(TRANSITION_TABLES[table][1], event, *((to,) if gave_up is None else (to, gave_up)))
+        moved = db.execute(SQL[name], {**params, "to": to, "gave_up": gave_up}).fetchall()
+        if not moved and refusal is not None:
+            raise refusal
+        return moved
+
     def _interrupt(self, db, row, outcome, now, *, reason):
         """Take a lease back from STARTED (released or expired); charge the interruption budget."""
-        max_interruptions = self.settings["max_interruptions"]
-        back_to = st.INTERRUPTED if outcome == st.INTERRUPTED else st.NOT_STARTED
-        changed = db.execute(
-            f"""UPDATE experiments SET
-                    interruptions = interruptions + 1,
-                    status = CASE WHEN interruptions + 1 >= :max THEN '{st.FAILED}' ELSE :back END,
-                    failed_reason = CASE WHEN interruptions + 1 >= :max
-                        THEN 'interrupted ' || (interruptions + 1) || ' times (max_interruptions)' END,
-                    lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = :now
-                WHERE id = :id AND lease_token = :token AND status = '{st.STARTED}'""",
-            {"max": max_interruptions, "back": back_to, "now": now, "id": row["id"],
-             "token": row["lease_token"]}).rowcount
-        assert changed == 1, "lease changed hands inside its own write transaction"
+        event, back_to = ("release", st.INTERRUPTED) if outcome == st.INTERRUPTED else ("expire", st.NOT_STARTED)
+        self._move(db, event, {"max": self.settings["max_interruptions"], "now": now, "id": row["id"],
+                               "token": row["lease_token"]}, to=back_to, gave_up=st.FAILED,
+                   refusal=st.IllegalTransition("lease changed hands inside its own write transaction"))
         self._end_attempt(db, row["lease_token"], outcome, now, error=reason)
         return self._finish_if_complete(db, row["config"], now, row["lease_owner"])
 
@@ -467,10 +628,7 @@ class Store:
         """Take back every lapsed lease of one config. Returns a provisioning lease if taking
         one back finished the config (its budget ran out on the last unfinished experiment)."""
         provision = None
-        rows = db.execute(
-            f"SELECT id, config, lease_token, lease_owner FROM experiments"
-            f" WHERE config = ? AND status = '{st.STARTED}' AND lease_expires_at <= ?",
-            (config_id, now)).fetchall()
+        rows = db.execute(SQL["expired_leases"], (config_id, now)).fetchall()
         for row in rows:
             row = dict(row, lease_owner=caller)  # the hand-off goes to whoever is here to take it
             _, handed = self._interrupt(db, row, st.EXPIRED, now, reason="lease expired")
@@ -481,15 +639,13 @@ class Store:
         """A report for a lease that is not held. The same report again (a retry after a lost
         answer) is repeated harmlessly; a report after the lease was taken back is kept in its
         own attempt row as LOST, never over another attempt's."""
-        attempt = db.execute("SELECT a.outcome, e.status FROM attempts a JOIN experiments e"
-                             " ON e.id = a.experiment WHERE a.lease_token = ?", (lease_token,)).fetchone()
+        attempt = db.execute(SQL["attempt_of_lease"], (lease_token,)).fetchone()
         if attempt is None:
             return LeaseLost("no such lease")
         if attempt["outcome"] == outcome:
             return {"status": attempt["status"], "duplicate": True}
         if attempt["outcome"] == st.EXPIRED:
-            db.execute("UPDATE attempts SET outcome = ?, wall_seconds = ?, exit_code = ?, error = ?,"
-                       " result = ? WHERE lease_token = ?",
+            db.execute(SQL["attempt_lost"],
                        (st.LOST, report.get("wall_seconds"), report.get("exit_code"),
                         report.get("error"), report.get("result"), lease_token))
         return LeaseLost("this lease is no longer held: the lease lapsed and the experiment was "
@@ -501,13 +657,14 @@ class Store:
             raise refusal
         return {**refusal, "config_done": False, "provision": None}
 
-    def _end_attempt(self, db, lease_token, outcome, now, *, wall_seconds=None, exit_code=None, error=None):
+    @staticmethod
+    def _end_attempt(db, lease_token, outcome, now, *, wall_seconds=None, exit_code=None, error=None):
         """Record how an attempt ended; returns the worker that made it."""
-        ended = db.execute(
-            "UPDATE attempts SET outcome = ?, ended_at = ?, wall_seconds = ?, exit_code = ?, error = ?"
-            " WHERE lease_token = ? AND outcome IS NULL RETURNING worker",
-            (outcome, now, wall_seconds, exit_code, error, lease_token)).fetchone()
-        assert ended is not None, "an attempt ended twice"
+        if outcome not in st.OUTCOMES:
+            raise st.IllegalTransition(f"no attempt outcome {outcome!r}")
+        ended = db.execute(SQL["attempt_end"], (outcome, now, wall_seconds, exit_code, error, lease_token)).fetchone()
+        if ended is None:
+            raise st.IllegalTransition("an attempt ended twice")
         return ended["worker"]
 
     # ---------------------------------------------------------------- configs and hand-off
@@ -517,18 +674,10 @@ class Store:
         provision the next WAITING config (exactly once: only the UPDATE that changed the
         state hands off, and not at all when pre-warming handed off already). Returns
         (config_done, provision)."""
-        # Named statuses, not NOT IN: a seek per status in experiments_config_status, instead
-        # of a walk over every finished row of the config.
-        unfinished = db.execute(
-            f"SELECT EXISTS (SELECT 1 FROM experiments WHERE config = ? AND status IN {UNFINISHED_SQL})",
-            (config_id,)).fetchone()[0]
-        if unfinished:
+        if db.execute(SQL["config_unfinished"], (config_id,)).fetchone()[0]:
             return False, None
-        finished = db.execute(
-            f"UPDATE configs SET state = '{st.CONFIG_DONE}', done_at = ?, provision_expires_at = NULL"
-            f" WHERE id = ? AND state != '{st.CONFIG_DONE}' RETURNING name", (now, config_id)).fetchone()
-        if finished is None:
-            return True, None
+        (finished,) = self._move(db, "config_finish", {"now": now, "id": config_id}, to=st.CONFIG_DONE,
+                                 refusal=st.IllegalTransition("a DONE config had an unfinished experiment"))
         self._event(db, now, "config_done", finished["name"], caller)
         if self.settings["provider"] == "none" or self._handed_off(db, finished["name"]):
             return True, None  # no provider, or pre-warming handed off at the last claim
@@ -542,13 +691,9 @@ class Store:
         """The next WAITING config's provisioning lease, held by `owner`; with no owner (None),
         lapsed from the start, so that the next worker to ask takes it over."""
         expires = now if owner is None else now + self.settings["provision_lease_seconds"]
-        row = db.execute(
-            f"""UPDATE configs SET state = '{st.PROVISIONING}', provision_owner = ?, provision_token = ?,
-                    provision_expires_at = ?
-                WHERE id = (SELECT id FROM configs WHERE state = '{st.WAITING}' ORDER BY sequence LIMIT 1)
-                RETURNING name, cores, memory_gb, group_size, provision_token""",
-            (owner, secrets.token_urlsafe(18), expires)).fetchone()
-        return self._provision(row)
+        moved = self._move(db, "config_handoff", {"owner": owner, "token": secrets.token_urlsafe(18),
+                                                  "expires": expires}, to=st.PROVISIONING)
+        return self._provision(moved[0] if moved else None)
 
     def _provision(self, row):
         if row is None:
@@ -560,7 +705,7 @@ class Store:
     @staticmethod
     def _pending_provision(db):
         """When the earliest outstanding provisioning lease lapses (None: none is outstanding)."""
-        return db.execute("SELECT MIN(provision_expires_at) FROM configs").fetchone()[0]
+        return db.execute(SQL["pending_provision"]).fetchone()[0]
 
     def _take_over_provisioning(self, db, owner, now):
         """A provisioning lease that lapsed before `provisioned` goes to the next one to ask.
@@ -569,12 +714,8 @@ class Store:
         pending = self._pending_provision(db)
         if self.settings["provider"] == "none" or pending is None or pending > now:
             return None
-        row = db.execute(
-            """UPDATE configs SET provision_owner = ?, provision_token = ?, provision_expires_at = ?
-                WHERE id = (SELECT id FROM configs WHERE provision_expires_at <= ?
-                            ORDER BY sequence LIMIT 1)
-                RETURNING name, cores, memory_gb, group_size, provision_token""",
-            (owner, secrets.token_urlsafe(18), now + self.settings["provision_lease_seconds"], now)).fetchone()
+        row = db.execute(SQL["provision_takeover"], (owner, secrets.token_urlsafe(18),
+                                                     now + self.settings["provision_lease_seconds"], now)).fetchone()
         if row is not None:
             self._event(db, now, "provision_takeover", row["name"], owner)
         return self._provision(row)
@@ -585,9 +726,7 @@ class Store:
         with self._write() as db:
             provision = self._take_over_provisioning(db, owner, now)
             if provision is None and self.settings["provider"] != "none":
-                active = db.execute(
-                    f"SELECT EXISTS (SELECT 1 FROM configs WHERE state IN ('{st.PROVISIONING}', '{st.RUNNING}'))"
-                ).fetchone()[0]
+                active = db.execute(SQL["configs_active"]).fetchone()[0]
                 if not active:
                     provision = self._lease_next_waiting(db, owner, now)
                     if provision is not None:
@@ -597,22 +736,18 @@ class Store:
     def provisioned(self, provision_token, *, now, worker_id=None):
         """The holder of a provisioning lease created the group. Repeating it is harmless."""
         with self._write() as db:
-            row = db.execute(
-                "SELECT id, name, provisioned_at FROM configs WHERE provision_token = ?",
-                (provision_token,)).fetchone()
+            row = db.execute(SQL["provision_of_token"], (provision_token,)).fetchone()
             if row is None:
                 raise LeaseLost("this provisioning lease is no longer held: another worker took it over")
             if row["provisioned_at"] is None:
-                db.execute("UPDATE configs SET provisioned_at = ?, provision_expires_at = NULL WHERE id = ?",
-                           (now, row["id"]))
+                db.execute(SQL["provision_made"], (now, row["id"]))
                 self._event(db, now, "group_provisioned", row["name"], worker_id)
         return {}
 
     def group_deleted(self, config, *, now, worker_id=None):
         """Record that a config's group was removed (once per config)."""
         with self._write() as db:
-            seen = db.execute("SELECT EXISTS (SELECT 1 FROM events WHERE kind = 'group_deleted' AND config = ?)",
-                              (config,)).fetchone()[0]
+            seen = db.execute(SQL["group_deleted_seen"], (config,)).fetchone()[0]
             if not seen:
                 self._event(db, now, "group_deleted", config, worker_id)
         return {}
@@ -621,13 +756,8 @@ class Store:
         """At server start: every lease still held gets at least one more full period, counted
         from now. A database outage is not the workers' fault; their renewals could not land."""
         with self._write() as db:
-            extended = db.execute(
-                f"UPDATE experiments SET lease_expires_at = MAX(lease_expires_at, :now) + :seconds"
-                f" WHERE status = '{st.STARTED}'", {"now": now, "seconds": seconds}).rowcount
-            db.execute(
-                "UPDATE configs SET provision_expires_at = MAX(provision_expires_at, :now) + :seconds"
-                " WHERE provision_expires_at IS NOT NULL",
-                {"now": now, "seconds": self.settings["provision_lease_seconds"]})
+            extended = len(self._move(db, "extend_leases", {"now": now, "seconds": seconds}, to=st.STARTED))
+            db.execute(SQL["provision_extend"], {"now": now, "seconds": self.settings["provision_lease_seconds"]})
             self._event(db, now, "server_started", None, None, {"leases_extended": extended})
         return extended
 
@@ -638,13 +768,9 @@ class Store:
         not yet taken back) and the run's progress fields."""
         fields = list(st.COUNT_FIELDS.values())
         with self._read() as db:
-            configs = db.execute(
-                "SELECT id, name, cores, memory_gb, sequence, group_size, state FROM configs ORDER BY sequence"
-            ).fetchall()
-            counts = db.execute("SELECT config, status, COUNT(*) FROM experiments GROUP BY config, status").fetchall()
-            expired = dict(db.execute(
-                f"SELECT config, COUNT(*) FROM experiments WHERE status = '{st.STARTED}'"
-                f" AND lease_expires_at <= ? GROUP BY config", (now,)).fetchall())
+            configs = db.execute(SQL["status_configs"]).fetchall()
+            counts = db.execute(SQL["status_counts"]).fetchall()
+            expired = dict(db.execute(SQL["status_expired"], (now,)).fetchall())
         per_config = {row["id"]: dict.fromkeys(["total", *fields], 0) for row in configs}
         for config_id, status, count in counts:
             per_config[config_id][st.COUNT_FIELDS[status]] = count
@@ -662,63 +788,51 @@ class Store:
 
     def config_state(self, name):
         """One config's state (WAITING, PROVISIONING, RUNNING or DONE): a poll of one row."""
-        row = self.conn.execute("SELECT state FROM configs WHERE name = ?", (name,)).fetchone()
+        row = self.conn.execute(SQL["config_state"], (name,)).fetchone()
         if row is None:
             raise NoSuchConfig(f"no config named {name!r} in this run")
         return row["state"]
 
     def events(self, *, kind=None):
-        sql = "SELECT at, kind, config, worker, detail FROM events"
-        rows = self.conn.execute(sql + (" WHERE kind = ?" if kind else "") + " ORDER BY id",
-                                 (kind,) if kind else ()).fetchall()
+        rows = self.conn.execute(*((SQL["events_of_kind"], (kind,)) if kind else (SQL["events"],))).fetchall()
         return [{**dict(row), "detail": json.loads(row["detail"])} for row in rows]
 
     def attempts(self, key=None):
-        sql = ("SELECT e.key, a.number, a.worker, a.claimed_at, a.ended_at, a.outcome, a.wall_seconds,"
-               " a.exit_code, a.error, a.result FROM attempts a JOIN experiments e ON e.id = a.experiment")
-        rows = self.conn.execute(sql + (" WHERE e.key = ?" if key else "") + " ORDER BY a.id",
-                                 (key,) if key else ()).fetchall()
+        rows = self.conn.execute(*((SQL["attempts_of_key"], (key,)) if key else (SQL["attempts"],))).fetchall()
         return [dict(row) for row in rows]
 
     def experiments(self):
         """Every experiment with its config's name, params and result decoded, in run order."""
-        rows = sqlite_utils.Database(self.conn).query(
-            """SELECT e.key, c.name AS config, c.cores, c.memory_gb, e.status, e.attempts, e.failures,
-                      e.interruptions, e.wall_seconds, e.failed_reason, e.params, e.result
-               FROM experiments e JOIN configs c ON c.id = e.config ORDER BY c.sequence, e.id""")
+        rows = sqlite_utils.Database(self.conn).query(SQL["experiments"])
         for row in rows:
             yield {**row, "memory_gb": _number(row["memory_gb"]), "params": json.loads(row["params"]),
                    "result": json.loads(row["result"]) if row["result"] is not None else None}
 
     def integrity_check(self):
         """SQLite's own check of the file: ["ok"] when the database is sound."""
-        return [row[0] for row in self.conn.execute("PRAGMA integrity_check")]
+        return [row[0] for row in self.conn.execute(SQL["integrity_check"])]
 
-    def explain_claim(self):
-        """The query plan of the claim query (for the test that keeps it an index seek)."""
-        return [row["detail"] for row in self.conn.execute("EXPLAIN QUERY PLAN " + CLAIM_NEXT_SQL, {"config": 1})]
+    def query_plan(self, name):
+        """EXPLAIN QUERY PLAN of a named statement, every parameter NULL (for the tests that keep
+        the hot ones index seeks): its lines, a subquery's indented under its parent."""
+        sql = SQL[name]
+        params = dict.fromkeys(re.findall(r":(\w+)", sql)) if ":" in sql else (None,) * sql.count("?")
+        rows = self.conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+        return [row["detail"] for row in rows]
 
     # ---------------------------------------------------------------- reading: the live view and the report
 
     def leases(self, *, now, limit=None):
         """Leases held now, the soonest to lapse first: which worker holds which experiment,
         seconds left (negative: lapsed, not yet taken back) and how long its attempt has run."""
-        rows = self.conn.execute(
-            f"""SELECT e.key, c.name AS config, e.lease_owner AS worker, a.number AS attempt,
-                       e.lease_expires_at - :now AS seconds_left, :now - a.claimed_at AS running_seconds
-                FROM experiments e JOIN configs c ON c.id = e.config JOIN attempts a ON a.lease_token = e.lease_token
-                WHERE e.status = '{st.STARTED}' ORDER BY e.lease_expires_at LIMIT :limit""",
-            {"now": now, "limit": -1 if limit is None else limit}).fetchall()
+        rows = self.conn.execute(SQL["leases"], {"now": now, "limit": -1 if limit is None else limit}).fetchall()
         return [{**row, "seconds_left": round(row["seconds_left"], 1),
                  "running_seconds": round(row["running_seconds"], 1)} for row in map(dict, rows)]
 
     def provisioning(self, *, now):
         """Configs whose group is being created: by whom, and the seconds left on the
         provisioning lease (None once the group was reported made)."""
-        rows = self.conn.execute(
-            f"""SELECT name AS config, provision_owner AS owner, provision_expires_at - ? AS seconds_left
-                FROM configs WHERE state = '{st.PROVISIONING}' OR provision_expires_at IS NOT NULL
-                ORDER BY sequence""", (now,)).fetchall()
+        rows = self.conn.execute(SQL["provisioning"], (now,)).fetchall()
         return [{**row, "seconds_left": None if row["seconds_left"] is None else round(row["seconds_left"], 1)}
                 for row in map(dict, rows)]
 
@@ -727,15 +841,8 @@ class Store:
         removed; not the `config_added` of the plan's import) and attempts that did not end DONE
         (failures, interruptions, expiries, late reports)."""
         with self._read() as db:
-            events = db.execute(
-                "SELECT at, kind, config, worker, NULL AS key, detail FROM events WHERE kind != 'config_added'"
-                " ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-            attempts = db.execute(
-                f"""SELECT a.ended_at AS at, lower(a.outcome) AS kind, c.name AS config, a.worker, e.key,
-                           a.exit_code, a.error
-                    FROM attempts a JOIN experiments e ON e.id = a.experiment JOIN configs c ON c.id = e.config
-                    WHERE a.outcome IN {UNSUCCESSFUL_SQL} ORDER BY a.ended_at DESC LIMIT ?""",
-                (limit,)).fetchall()
+            events = db.execute(SQL["recent_events"], (limit,)).fetchall()
+            attempts = db.execute(SQL["recent_attempts"], (limit,)).fetchall()
         merged = [{**dict(row), "detail": json.loads(row["detail"])} for row in events]
         merged += [{**{k: row[k] for k in ("at", "kind", "config", "worker", "key")},
                     "detail": {"exit_code": row["exit_code"], "error": _last_line(row["error"])}} for row in attempts]
@@ -747,12 +854,9 @@ class Store:
         and the attempts that ended DONE in the last `window` seconds, with the seconds that
         window really covers (fewer when the run's first claim is more recent)."""
         with self._read() as db:
-            per_config = db.execute(
-                f"SELECT c.name, COUNT(e.wall_seconds) AS n, AVG(e.wall_seconds) AS mean FROM experiments e"
-                f" JOIN configs c ON c.id = e.config WHERE e.status = '{st.DONE}' GROUP BY c.id").fetchall()
-            recent = db.execute(f"SELECT COUNT(*) FROM attempts WHERE outcome = '{st.DONE}' AND ended_at > ?",
-                                (now - window,)).fetchone()[0]
-            first_claim = db.execute("SELECT claimed_at FROM attempts ORDER BY id LIMIT 1").fetchone()
+            per_config = db.execute(SQL["timings_per_config"]).fetchall()
+            recent = db.execute(SQL["timings_recent"], (now - window,)).fetchone()[0]
+            first_claim = db.execute(SQL["first_claim"]).fetchone()
         since = max(now - window, first_claim[0]) if first_claim else now
         return {"configs": {row["name"]: {"n": row["n"], "mean_wall_seconds": row["mean"]} for row in per_config},
                 "recent_done": recent, "window_seconds": max(0.0, now - since)}
@@ -761,11 +865,7 @@ class Store:
         """Per config, in run order: its attempts counted by outcome (None: still running), with
         their seconds: the wall time the worker reported, else claim to end (an attempt cut off
         without a report)."""
-        rows = self.conn.execute(
-            """SELECT c.name AS config, c.cores, c.memory_gb, a.outcome, COUNT(a.id) AS count,
-                      COALESCE(SUM(COALESCE(a.wall_seconds, a.ended_at - a.claimed_at)), 0) AS seconds
-               FROM configs c LEFT JOIN experiments e ON e.config = c.id LEFT JOIN attempts a ON a.experiment = e.id
-               GROUP BY c.id, a.outcome ORDER BY c.sequence""").fetchall()
+        rows = self.conn.execute(SQL["attempt_history"]).fetchall()
         history = {}
         for row in rows:
             entry = history.setdefault(row["config"], {"config": row["config"], "cores": row["cores"],
@@ -779,19 +879,7 @@ class Store:
         last call: a VM's boot before its first call is not in it), the seconds they ran a
         command (attempts' wall time; claim to end, or to now, for an attempt without one) and
         the idle fraction of the alive seconds (None before any worker lived a second)."""
-        rows = self.conn.execute(
-            """WITH alive AS (
-                   SELECT c.id, COUNT(w.id) AS workers, COALESCE(SUM(w.last_seen - w.first_seen), 0) AS seconds
-                   FROM configs c LEFT JOIN workers w ON w.cores = c.cores AND w.memory_gb = c.memory_gb
-                   GROUP BY c.id),
-               busy AS (
-                   SELECT e.config AS id,
-                          SUM(COALESCE(a.wall_seconds, COALESCE(a.ended_at, :now) - a.claimed_at)) AS seconds
-                   FROM attempts a JOIN experiments e ON e.id = a.experiment GROUP BY e.config)
-               SELECT c.name AS config, alive.workers, alive.seconds AS worker_seconds,
-                      COALESCE(busy.seconds, 0) AS busy_seconds
-               FROM configs c JOIN alive ON alive.id = c.id LEFT JOIN busy ON busy.id = c.id
-               ORDER BY c.sequence""", {"now": now}).fetchall()
+        rows = self.conn.execute(SQL["idle_accounting"], {"now": now}).fetchall()
         return [{**row, "idle_fraction": idle_fraction(row["worker_seconds"], row["busy_seconds"])}
                 for row in map(dict, rows)]
 
@@ -799,29 +887,25 @@ class Store:
 
     @staticmethod
     def _touch_worker(db, worker_id, cores, memory_gb, now):
-        db.execute("INSERT INTO workers (id, cores, memory_gb, first_seen, last_seen) VALUES (?, ?, ?, ?, ?)"
-                   " ON CONFLICT (id) DO UPDATE SET cores = excluded.cores, memory_gb = excluded.memory_gb,"
-                   " last_seen = excluded.last_seen", (worker_id, cores, memory_gb, now, now))
+        db.execute(SQL["worker_touch"], (worker_id, cores, memory_gb, now, now))
 
     @staticmethod
     def _seen(db, worker_id, now):
         """A report is a sign of life too (idle accounting counts a worker alive until its last)."""
-        db.execute("UPDATE workers SET last_seen = MAX(last_seen, ?) WHERE id = ?", (now, worker_id))
+        db.execute(SQL["worker_seen"], (now, worker_id))
 
     @staticmethod
     def _config_for_shape(db, cores, memory_gb):
-        row = db.execute("SELECT id, name, state, cores, memory_gb FROM configs WHERE cores = ? AND memory_gb = ?",
-                         (cores, memory_gb)).fetchone()
+        row = db.execute(SQL["config_of_shape"], (cores, memory_gb)).fetchone()
         if row is None:
-            shapes = ", ".join(name for (name,) in db.execute("SELECT name FROM configs ORDER BY sequence LIMIT 8"))
+            shapes = ", ".join(name for (name,) in db.execute(SQL["config_names"]))
             raise NoSuchConfig(f"no config of this run has the shape {cores} cores x {_number(memory_gb)} GB"
                                f" (configs: {shapes or 'none'})")
         return row
 
     @staticmethod
     def _event(db, now, kind, config, worker=None, detail=None):
-        db.execute("INSERT INTO events (at, kind, config, worker, detail) VALUES (?, ?, ?, ?, ?)",
-                   (now, kind, config, worker, json.dumps(detail or {})))
+        db.execute(SQL["event_add"], (now, kind, config, worker, json.dumps(detail or {})))
 
 
 def idle_fraction(worker_seconds, busy_seconds):

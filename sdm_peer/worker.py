@@ -3,7 +3,8 @@
 Claims experiments for its own shape, runs COMMAND once per claim in a fresh working directory,
 renews the lease at a third of its period while the command runs, and reports. It never gives up
 on an unreachable server while it holds a result; it gives a lease back on SIGTERM; a provisioning
-lease in an answer makes it create the next group, and a finished config makes it remove its own.
+lease in an answer makes it create the next group (renewing that lease meanwhile), and a finished
+config makes it remove its own.
 With the `shrink` setting, a worker the server tells to leave (nothing to claim, enough idle
 peers) leaves its group and exits 0.
 """
@@ -23,6 +24,7 @@ from . import settings as settings_mod
 from . import states as st
 from .errors import BadInput, LeaseLost, ProviderError, SdmPeerError, ServerUnavailable
 from .failpoints import failpoint
+from .providers.base import GroupSpec
 
 log = logging.getLogger("sdm_peer.worker")
 
@@ -139,7 +141,7 @@ class Worker:
             except OSError as exc:
                 self._report_failure(token, f"cannot start {self.command[0]!r}: {exc.strerror}", None, 0.0)
                 return
-            keeper = LeaseKeeper(self.client, token, self.lease_seconds * settings_mod.RENEW_FRACTION)
+            keeper = LeaseKeeper(self.client, self.lease_seconds, lease_token=token)
             keeper.start()
             try:
                 while process.poll() is None and not (self.stopping.is_set() or keeper.lost.is_set()):
@@ -214,15 +216,17 @@ class Worker:
         return self.provider_for(self.settings) if self.provider_for else None
 
     def provision(self, provision):
-        """Create the next config's group, then say so. If this fails or the worker dies, the
-        provisioning lease lapses and the next one to ask takes it over."""
+        """Create the next config's group, then say so. The provisioning lease is renewed while
+        the group is created (on the cloud that can outlast a lease period); if creating fails or
+        the worker dies, the lease lapses and the next one to ask takes it over."""
         provider = self._provider()
         if provider is None:
             log.warning("given the provisioning of %s but no provider is configured here", provision["config"])
             return
         log.info("provisioning the group of %s", provision["config"])
         try:
-            provider.create_group(provision)
+            with LeaseKeeper.of_provision(self.client, provision):
+                provider.create_group(GroupSpec.from_provision(provision))
         except ProviderError as exc:
             log.error("could not create the group of %s: %s", provision["config"], exc)
             return
@@ -251,7 +255,7 @@ class Worker:
         provider = self._provider()
         if provider is not None and self.own_group == config:
             try:
-                provider.leave_group({"config": config}, self.worker_id)
+                provider.leave_group(GroupSpec(config), self.worker_id)
             except ProviderError as exc:
                 log.error("could not leave the group of %s: %s", config, exc)
                 return False
@@ -264,12 +268,8 @@ class Worker:
         if experiment is None:
             self.provision(provision)
             return
-        keeper = LeaseKeeper(self.client, experiment["lease_token"], self.lease_seconds * settings_mod.RENEW_FRACTION)
-        keeper.start()
-        try:
+        with LeaseKeeper(self.client, self.lease_seconds, lease_token=experiment["lease_token"]):
             self.provision(provision)
-        finally:
-            keeper.stop()
 
     def remove_own_group(self, config):
         """The config is finished and handed off: remove the group this worker belongs to.
@@ -279,34 +279,48 @@ class Worker:
             return
         self._call("group_deleted", config=config, worker_id=self.worker_id)
         try:
-            provider.delete_group({"config": config})
+            provider.delete_group(GroupSpec(config))
         except ProviderError as exc:
             log.error("could not delete the group of %s: %s", config, exc)
 
 
 class LeaseKeeper(threading.Thread):
-    """Renews one lease every `interval` seconds until stopped; sets `lost` on LEASE_LOST.
-    An unreachable server is retried until the next renewal is due, then tried again."""
+    """Renews one lease, an experiment's (`lease_token=`) or a provisioning lease
+    (`provision_token=`), at RENEW_FRACTION of its `period` until stopped; sets `lost` on
+    LEASE_LOST. An unreachable server is retried until the next renewal is due, then tried again."""
 
-    def __init__(self, client, token, interval):
+    def __init__(self, client, period, **lease):
         super().__init__(daemon=True, name="lease-keeper")
-        self.client, self.token, self.interval = client, token, interval
+        self.client, self.lease = client, lease
+        self.interval = period * settings_mod.RENEW_FRACTION
         self.lost = threading.Event()
         self._done = threading.Event()
 
     def run(self):
         while not self._done.wait(self.interval):
             try:
-                self.client.call("renew", retry_seconds=self.interval, lease_token=self.token)
+                self.client.call("renew", retry_seconds=self.interval, **self.lease)
             except LeaseLost:
                 self.lost.set()
                 return
             except ServerUnavailable as exc:
                 log.warning("could not renew the lease: %s", exc)
 
+    @classmethod
+    def of_provision(cls, client, provision):
+        """A keeper of the provisioning lease in a `claim`/`complete` answer."""
+        return cls(client, provision["lease_seconds_left"], provision_token=provision["provision_token"])
+
     def stop(self):
         self._done.set()
         self.join()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *_):
+        self.stop()
 
 
 def read_result(path):

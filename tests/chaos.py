@@ -70,7 +70,7 @@ from pathlib import Path
 
 from sdm_peer import settings as settings_mod
 from sdm_peer import states as st
-from sdm_peer.bootstrap import bootstrap, stop
+from sdm_peer.run import bootstrap, stop
 from sdm_peer.providers.local import LocalProvider
 from sdm_peer.rundir import RunDir
 from sdm_peer.store import Store

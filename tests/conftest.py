@@ -22,6 +22,11 @@ def grid(shapes, per_config, **extra):
             for cores, memory in shapes for i in range(per_config)]
 
 
+def claim(store, worker="w1", shape=(2, 4), at=T0):
+    """A store-level claim at `at` with the tests' lease period."""
+    return store.claim(worker, *shape, now=at, lease_seconds=LEASE)
+
+
 @pytest.fixture
 def make_store(tmp_path):
     """A real SQLite store built from plan rows, with settings."""
@@ -72,7 +77,9 @@ def cloud(tmp_path, monkeypatch):
 @pytest.fixture
 def run(tmp_path):
     """A run directory whose processes are all gone when the test ends (else the test fails)."""
-    from sdm_peer.bootstrap import stop
+    from sdm_peer.providers.base import GroupSpec
+    from sdm_peer.providers.local import LocalProvider
+    from sdm_peer.run import stop_server
     from sdm_peer.rundir import RunDir
 
     from .runs import kill_all, processes_of
@@ -80,7 +87,10 @@ def run(tmp_path):
     run_dir = RunDir(tmp_path / "run")
     run_dir.path.mkdir()
     yield run_dir
-    stop(run_dir)
+    groups = LocalProvider(run_dir)  # this machine's processes only, whatever the run's provider
+    for record in groups.groups():
+        groups.delete_group(GroupSpec(record["config"]))
+    stop_server(run_dir)
     leftovers = processes_of(tmp_path)
     kill_all(tmp_path)
     assert not leftovers, f"processes left behind: {leftovers}"

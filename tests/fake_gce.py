@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from sdm_peer import cloudinit
+from sdm_peer.providers.gce import cloudinit
 
 from . import gce_discovery as discovery
 
@@ -393,6 +393,8 @@ class FakeCompute(_Server):
         self._checked("compute.instanceGroupManagers.deleteInstances", "InstanceGroupManagersDeleteInstancesRequest",
                       body)
         leaving = [url.rpartition("/")[2] for url in body["instances"]]
+        if body.get("skipInstancesOnValidationError"):  # as Compute Engine: non-members are skipped
+            leaving = [instance for instance in leaving if instance in group["_instances"]]
         for instance in leaving:
             if instance not in self.members(name):
                 raise ApiError(400, "invalid", f"instance {instance} is not a member of {where}")

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdm_peer.cli import init_run
+from sdm_peer.run import init_run
 from sdm_peer.rundir import RunDir
 from sdm_peer.store import Store
 
@@ -127,6 +127,14 @@ def with_store(run, function):
         return function(store)
     finally:
         store.close()
+
+
+def experiments(run):
+    return with_store(run, lambda store: list(store.experiments()))
+
+
+def attempts(run, key=None):
+    return with_store(run, lambda store: store.attempts(key))
 
 
 def all_done(run):

@@ -5,6 +5,7 @@ Real `sdm-peer serve` processes where the server's behaviour matters; a tiny fak
 thread where the test needs to count connections and requests or to misbehave on purpose."""
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from sdm_peer.errors import (BadInput, LeaseLost, NoSuchConfig, SdmPeerError, Se
 from sdm_peer.rundir import RunDir
 
 from .conftest import grid
+from .runs import free_port
 from .test_server import make_run, start_server  # noqa: F401  (start_server is a fixture)
 
 SHAPE = {"cores": 2, "memory_gb": 4}
@@ -111,11 +113,6 @@ def refuse(code, request_id=...):
                                      "error": {"code": code, "message": f"refused with {code}"}}
 
 
-def free_port():
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def run(tmp_path):
     return make_run(tmp_path / "run", grid([(2, 4)], 2))
@@ -182,14 +179,12 @@ def test_server_refusals_raise_their_error_class(run, start_server):
 def test_refusal_is_raised_once_and_never_retried(fake_server, code, error_class):
     fake = fake_server(refuse(code))
     client = Client(fake.address, "tok", retry_seconds=30)
-    started = time.monotonic()
     try:
         with pytest.raises(error_class, match=f"refused with {code}") as caught:
             client.call("renew", lease_token="lt")
     finally:
         client.close()
     assert type(caught.value) is error_class and caught.value.code == code
-    assert time.monotonic() - started < 5
     assert (fake.connections, len(fake.requests)) == (1, 1)
 
 
@@ -218,25 +213,25 @@ def test_busy_connection_is_retried_on_a_new_connection(fake_server):
 # ---------------------------------------------------------------- an unreachable server
 
 
+@pytest.mark.timeout(30)
 def test_connection_refused_raises_server_unavailable_after_retry_seconds():
     port = free_port()
     client = Client(("127.0.0.1", port), "tok", retry_seconds=1)
     started = time.monotonic()
     with pytest.raises(ServerUnavailable, match=f"127.0.0.1:{port}") as caught:
         client.call("status")
-    elapsed = time.monotonic() - started
-    assert 0.9 <= elapsed < 10
+    assert time.monotonic() - started >= 0.9  # it kept trying for retry_seconds
     assert caught.value.exit_code == 3 and "sdm-peer serve" in caught.value.hint
 
 
+@pytest.mark.timeout(30)  # the client's own default would retry forever
 def test_retry_seconds_per_call_overrides_the_clients(fake_server):
     client = Client(("127.0.0.1", free_port()), "tok", retry_seconds=None)  # None: retry forever by default
-    started = time.monotonic()
     with pytest.raises(ServerUnavailable):
         client.call("status", retry_seconds=0.3)
-    assert time.monotonic() - started < 10
 
 
+@pytest.mark.timeout(30)
 def test_server_that_never_answers_times_out_is_retried_then_unavailable(fake_server):
     fake = fake_server(lambda request, number: None)
     client = Client(fake.address, "tok", timeout=0.5, retry_seconds=1.5)
@@ -246,23 +241,21 @@ def test_server_that_never_answers_times_out_is_retried_then_unavailable(fake_se
             client.call("status")
     finally:
         client.close()
-    elapsed = time.monotonic() - started
-    assert 1.0 <= elapsed < 10
+    assert time.monotonic() - started >= 1.0  # it kept trying for retry_seconds
     assert fake.connections >= 2 and len(fake.requests) >= 2  # each timeout dropped the connection and retried
 
 
+@pytest.mark.timeout(10)  # the call timeout (30 s) would overrun it: the retry limit (1 s) must win
 def test_a_silent_connection_holds_a_call_no_longer_than_its_retry_limit(fake_server):
     # A half-open connection: the call timeout is long, the caller's limit short; the limit wins
     # (a SIGTERMed worker must release and exit within 20 s, whatever the network does).
     fake = fake_server(lambda request, number: None)
     client = Client(fake.address, "tok", timeout=30.0, retry_seconds=1.0)
-    started = time.monotonic()
     try:
         with pytest.raises(ServerUnavailable):
             client.call("release", worker_id="w", reason="SIGTERM")
     finally:
         client.close()
-    assert time.monotonic() - started < 5
 
 
 def test_answer_that_is_not_a_response_is_retried_then_unavailable(fake_server):
@@ -302,21 +295,27 @@ def test_client_reconnects_to_a_restarted_server(run, start_server):
         client.close()
 
 
-def test_call_waits_for_a_server_that_comes_back_during_it(run, start_server):
+def test_call_waits_for_a_server_that_comes_back_during_it(run, start_server, caplog):
     db, token = run
     server = start_server(db)
     port = server.address[1]
     client = Client(server.address, token, retry_seconds=20)
+    retrying = threading.Event()  # the client logs each retry: the server comes back during one
+    caplog.set_level(logging.INFO, logger="sdm_peer.client")
+    watcher = logging.Handler()
+    watcher.emit = lambda record: "retrying" in record.getMessage() and retrying.set()
+    logging.getLogger("sdm_peer.client").addHandler(watcher)
     try:
         client.call("status")
         assert server.stop() == 0
-        restart = threading.Timer(0.5, start_server, args=(db,), kwargs={"port": port})
+        restart = threading.Thread(target=lambda: retrying.wait(20) and start_server(db, port=port))
         restart.start()
         try:
             assert client.call("status")["totals"]["total"] == 2
         finally:
             restart.join(30)
     finally:
+        logging.getLogger("sdm_peer.client").removeHandler(watcher)
         client.close()
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdm_peer import __version__, cloudinit
+from sdm_peer import __version__
 from sdm_peer import states as st
-from sdm_peer.providers.gce import gce_settings
+from sdm_peer.providers.gce import cloudinit, gce_settings
 
 from .fake_gce import FakeMetadata, LocalVms, unit_exec_start
 from .runs import init, job_command, shape_rows, start_server, status, wait_for, with_store

@@ -2,10 +2,11 @@
 supervisors and workers; and a worker leaving its managed group on the fake Compute API."""
 
 from sdm_peer import states as st
-from sdm_peer.bootstrap import bootstrap
 from sdm_peer.client import Client
+from sdm_peer.providers.base import GroupSpec
 from sdm_peer.providers.gce import GceProvider
-from sdm_peer.providers.gce_api import ComputeApi
+from sdm_peer.providers.gce.api import ComputeApi
+from sdm_peer.run import bootstrap
 
 from .fake_gce import FakeCompute
 from sdm_peer.rundir import read_token
@@ -53,7 +54,7 @@ def test_leave_group_deletes_the_workers_own_vm_and_lowers_the_target_size(monke
                          retry_wait=(0.01, 0.05))
         provider = GceProvider({"provider": "gce", "project": "my-proj", "zone": "us-central1-a",
                                 "run_name": "study1", "server": "10.0.0.2:7787"}, "the-token", api=api)
-        config = {"config": "c2-m4", "cores": 2, "memory_gb": 4, "group_size": 3}
+        config = GroupSpec("c2-m4", 2, 4, 3)
         provider.create_group(config)
         group = fake.groups["sdm-study1-c2-m4"]
         leaving, *staying = fake.members("sdm-study1-c2-m4")
@@ -61,7 +62,7 @@ def test_leave_group_deletes_the_workers_own_vm_and_lowers_the_target_size(monke
         assert group["targetSize"] == 2 and fake.members("sdm-study1-c2-m4") == staying
         method, path, body = fake.calls("POST", "deleteInstances$")[0]
         assert path.endswith("/zones/us-central1-a/instanceGroupManagers/sdm-study1-c2-m4/deleteInstances")
-        assert body == {"instances": [f"zones/us-central1-a/instances/{leaving}"]}
+        assert body == {"instances": [f"zones/us-central1-a/instances/{leaving}"], "skipInstancesOnValidationError": True}
         provider.delete_group(config)
         provider.leave_group(config, staying[0])  # the group is gone already: fine
     finally:

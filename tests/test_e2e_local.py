@@ -9,24 +9,16 @@ import signal
 import time
 
 from sdm_peer import states as st
-from sdm_peer.bootstrap import bootstrap
+from sdm_peer.run import bootstrap
 
-from .runs import (all_done, init, job_command, processes_of, sdm, shape_rows, start_server, start_worker, status,
-                   wait_for, with_store)
+from .runs import (all_done, attempts, experiments, free_port, init, job_command, processes_of, sdm, shape_rows,
+                   start_server, start_worker, status, wait_for, with_store)
 
 A, B, C = (1, 1), (1, 2), (2, 2)
 
 
-def attempts(run, key=None):
-    return with_store(run, lambda store: store.attempts(key))
-
-
 def events(run, kind):
     return with_store(run, lambda store: store.events(kind=kind))
-
-
-def experiments(run):
-    return with_store(run, lambda store: list(store.experiments()))
 
 
 def started_experiment(run):
@@ -100,10 +92,8 @@ def test_sigterm_gives_the_experiment_back_at_once_without_counting_a_failure(ru
     server = start_server(run)
     first = start_worker(run, A, job_command(tmp_path), worker_id="first")
     key, workdir = started_experiment(run)
-    stopped_at = time.monotonic()
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=20) == 143
-    assert time.monotonic() - stopped_at < 20
     assert (workdir / "got-sigterm").exists()
     experiment = experiments(run)[0]
     # INTERRUPTED at once, not after a 60 s lease lapses.
@@ -123,10 +113,8 @@ def test_sigterm_to_a_worker_whose_command_ignores_it_still_exits_within_20s(run
     worker = start_worker(run, A, job_command(tmp_path))
     _, workdir = started_experiment(run)
     command_pid, _ = command_and_worker_pids(workdir)
-    stopped_at = time.monotonic()
     worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=25) == 143
-    assert time.monotonic() - stopped_at < 20
+    assert worker.wait(timeout=20) == 143  # the bound is the promise: out within 20 s
     wait_for(lambda: not os.path.exists(f"/proc/{command_pid}/stat") or
              open(f"/proc/{command_pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", timeout=5,
              what="the command killed")
@@ -143,7 +131,10 @@ def test_server_killed_and_restarted_mid_run_loses_nothing(run, tmp_path):
     wait_for(lambda: status(run)["totals"]["done"] >= 3, what="some experiments done")
     server.kill()
     server.wait()
-    time.sleep(2.5)  # longer than a lease: the workers' renewals fail meanwhile
+    # Down until every held lease has lapsed: the workers' renewals fail meanwhile.
+    expiry = with_store(run, lambda store: store.conn.execute(
+        "SELECT MAX(lease_expires_at) FROM experiments WHERE status = ?", (st.STARTED,)).fetchone()[0])
+    wait_for(lambda: time.time() > (expiry or 0), what="every held lease lapsed")
     server = start_server(run, port=port)
     for worker in workers:
         assert worker.wait(timeout=60) == 0
@@ -162,7 +153,8 @@ def test_report_waits_for_an_unreachable_server_and_is_not_lost(run, tmp_path):
     server.kill()
     server.wait()
     wait_for(lambda: (workdir / "result.json").exists(), what="the command to finish while the server is away")
-    time.sleep(1.0)  # the worker is now retrying its report
+    wait_for(lambda: any("complete: " in log.read_text() and "still trying" in log.read_text()
+                         for log in run.path.glob("worker-*.log")), what="the worker retrying its report")
     server = start_server(run, port=port)
     assert worker.wait(timeout=60) == 0
     experiment = experiments(run)[0]
@@ -250,12 +242,9 @@ def test_bootstrap_again_restarts_a_dead_server_and_changes_nothing_on_a_live_ru
 
 
 def test_bootstrap_can_start_the_dashboard_with_the_server(run, tmp_path):
-    import socket
     import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        http_port = probe.getsockname()[1]
+    http_port = free_port()
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(shape_rows(A, 2, 1, sleep=0.1)))
     started = sdm("bootstrap", "--plan", plan, "--provider", "local", "--dir", run.path, "--http-port", http_port,

@@ -1,32 +1,27 @@
 """The parts of a gce bootstrap that work from outside the VPC, where the database VM's
 server cannot be reached: readiness seen on the replica, provisioning from the replica's state."""
 
-import socket
-
 import pytest
 
 from sdm_peer import replication
 from sdm_peer.client import Client
 from sdm_peer.errors import SdmPeerError
-from sdm_peer.gce_bootstrap import _newest_txid, provision_from_replica, wait_until_serving
+from sdm_peer.providers.gce.bootstrap import _newest_txid, provision_from_replica, wait_until_serving
 
-from .runs import init, shape_rows
+from .runs import free_port, init, shape_rows
 
 
 class RecordingProvider:
     def __init__(self):
         self.created = []
 
-    def create_group(self, config):
-        self.created.append(config["config"])
+    def create_group(self, spec):
+        self.created.append(spec.name)
 
 
 @pytest.fixture
 def unreachable():
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    client = Client(("127.0.0.1", port), "token", retry_seconds=0.2)
+    client = Client(("127.0.0.1", free_port()), "token", retry_seconds=0.2)
     yield client
     client.close()
 

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from sdm_peer.errors import ProviderError
+from sdm_peer.providers.base import GroupSpec
 from sdm_peer.providers.gce import GceProvider
-from sdm_peer.providers.gce_api import ComputeApi, DryRunApi
+from sdm_peer.providers.gce.api import ComputeApi, DryRunApi
 
 from .fake_gce import FakeCompute
 
@@ -18,7 +19,7 @@ GROUPS = "/compute/v1/projects/my-proj/zones/us-central1-a/instanceGroupManagers
 
 
 def config(cores, memory_gb, group_size=3):
-    return {"config": f"c{cores}-m{memory_gb:g}", "cores": cores, "memory_gb": memory_gb, "group_size": group_size}
+    return GroupSpec(f"c{cores}-m{memory_gb:g}", cores, memory_gb, group_size)
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ def test_delete_group_removes_the_group_then_the_template_waiting_for_each(fake,
     gce = provider()
     gce.create_group(config(2, 8))
     fake.requests.clear()
-    gce.delete_group({"config": "c2-m8"})
+    gce.delete_group(GroupSpec("c2-m8"))
     assert fake.groups == {} and fake.templates == {}
     steps = [(method, "wait" if path.endswith("/wait") else path) for method, path, _ in fake.requests]
     group, template = steps.index(("DELETE", f"{GROUPS}/sdm-study1-c2-m8")), \
@@ -116,10 +117,10 @@ def test_delete_group_removes_the_group_then_the_template_waiting_for_each(fake,
 
 def test_delete_of_a_missing_group_is_success(fake, provider):
     gce = provider()
-    gce.delete_group({"config": "c2-m8"})
+    gce.delete_group(GroupSpec("c2-m8"))
     gce.create_group(config(2, 8))
-    gce.delete_group({"config": "c2-m8"})
-    gce.delete_group({"config": "c2-m8"})
+    gce.delete_group(GroupSpec("c2-m8"))
+    gce.delete_group(GroupSpec("c2-m8"))
     assert fake.groups == {} and fake.templates == {}
 
 

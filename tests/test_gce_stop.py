@@ -8,12 +8,14 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from sdm_peer import gce_stop, replication
-from sdm_peer.bootstrap import ensure_server
+from sdm_peer import replication
 from sdm_peer.cli import main
 from sdm_peer.client import Client
 from sdm_peer.providers import gce
-from sdm_peer.providers.gce_api import ComputeApi
+from sdm_peer.providers.base import GroupSpec
+from sdm_peer.providers.gce import stop as gce_stop
+from sdm_peer.providers.gce.api import ComputeApi
+from sdm_peer.run import ensure_server
 from sdm_peer.rundir import read_token
 from sdm_peer.store import Store
 
@@ -53,7 +55,7 @@ def cloud_run(run, tmp_path, fake):
     api = ComputeApi(PROJECT, ZONE)
     provider = gce.GceProvider(settings, "the-token", api=api)
     for config in configs:
-        provider.create_group({**config, "config": config["name"]})
+        provider.create_group(GroupSpec.from_config(config))
     api.insert_firewall(gce.firewall_body(settings))
     api.insert_instance(gce.db_vm_body(settings, "the-token"))
     fake.requests.clear()

@@ -116,7 +116,7 @@ def test_renewals_wait_for_company_and_any_other_request_starts_the_batch_at_onc
         batches = recording_batches(server)
         renewals = [asyncio.ensure_future(server._execute("renew", {"lease_token": c["experiment"]["lease_token"]}))
                     for c in claims]
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0)  # let the renewals queue
         waiting = not any(renewal.done() for renewal in renewals)
         claim = await asyncio.wait_for(server._execute("claim", {"worker_id": "w3", **SHAPE}), 10)
         answers = await asyncio.wait_for(asyncio.gather(*renewals), 10)

@@ -2,19 +2,12 @@
 with the run's token file instead of reading the run directory's server.json."""
 
 import json
-import socket
 
-from sdm_peer.bootstrap import bootstrap
-from sdm_peer.providers import provider_for
+from sdm_peer.providers.base import provider_for
 from sdm_peer.providers.local import LocalProvider, Supervisor
+from sdm_peer.run import bootstrap
 
-from .runs import all_done, init, job_command, shape_rows, start_server, wait_for, with_store
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from .runs import all_done, free_port, init, job_command, shape_rows, start_server, wait_for, with_store
 
 
 def group_record(run, name, **fields):

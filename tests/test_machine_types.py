@@ -2,7 +2,7 @@
 
 import pytest
 
-from sdm_peer.providers.machine_types import (DEFAULT_ORDER, FAMILIES, UnservableShape, custom_machine_type,
+from sdm_peer.providers.gce.machine_types import (DEFAULT_ORDER, FAMILIES, UnservableShape, custom_machine_type,
                                               memory_mb)
 
 

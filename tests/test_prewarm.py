@@ -6,11 +6,7 @@ from hypothesis import given, settings as hypothesis_settings, strategies
 from sdm_peer import states as st
 from sdm_peer.errors import LeaseLost
 
-from .conftest import LEASE, T0, grid
-
-
-def claim(store, worker, shape=(2, 4), at=T0):
-    return store.claim(worker, *shape, now=at, lease_seconds=LEASE)
+from .conftest import LEASE, T0, claim, grid
 
 
 def started(store, rows, **settings):
@@ -171,25 +167,30 @@ def test_prewarm_hands_off_each_config_once_and_in_order(tmp_path_factory, steps
 def test_a_worker_keeps_its_fresh_lease_alive_while_it_provisions_the_next_group(tmp_path):
     """With pre-warming one answer carries an experiment and a provisioning lease: creating a
     cloud group can outlast the lease period, so the lease is renewed meanwhile."""
-    import time
+    import threading
 
     from sdm_peer.worker import Worker
 
     calls = []
+    renewed_twice = threading.Event()
 
     class Client:
         def call(self, op, retry_seconds=None, **args):
             calls.append((op, args))
+            if [op for op, _ in calls].count("renew") >= 2:
+                renewed_twice.set()
             return {}
 
     class SlowProvider:
         def create_group(self, provision):
-            time.sleep(0.5)
+            assert renewed_twice.wait(10), "the lease was not renewed while the group was being made"
 
     worker = Worker(Client(), ["true"], worker_id="w1", cores=2, memory_gb=4, work_root=tmp_path,
                     provider_for=lambda settings: SlowProvider())
     worker.lease_seconds = 0.3  # renewed every 0.1 s
-    worker.provision_holding({"config": "c4-m8", "provision_token": "p"}, {"lease_token": "t"})
+    provision = {"config": "c4-m8", "cores": 4, "memory_gb": 8, "group_size": 1, "provision_token": "p",
+                 "lease_seconds_left": 300}  # not renewed in the test's fraction of a second
+    worker.provision_holding(provision, {"lease_token": "t"})
     renewals = [args for op, args in calls if op == "renew"]
     assert len(renewals) >= 2 and all(args == {"lease_token": "t"} for args in renewals)
     assert calls[-1] == ("provisioned", {"provision_token": "p", "worker_id": "w1"})

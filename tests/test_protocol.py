@@ -1,6 +1,8 @@
 """The request parser of DESIGN §4: every op's valid shape, and a clear BAD_REQUEST for everything else."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -245,3 +247,29 @@ def test_error_codes_map_to_the_error_classes():
     assert type(error_for("UNAVAILABLE", "m")) is ServerUnavailable
     unknown = error_for("SOMETHING_NEW", "m")
     assert unknown.code == "SOMETHING_NEW" and str(unknown) == "m"
+
+
+# ---------------------------------------------------------------- the op table and its documentation
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def readme_protocol_rows():
+    """op -> its row's args cell, from the README's socket protocol table."""
+    section = README.split("## Socket protocol", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| ([^|]*) \|", section, re.MULTILINE)
+    return dict(rows)
+
+
+def test_every_op_has_a_handler_a_lane_and_a_readme_entry_naming_its_args():
+    documented = readme_protocol_rows()
+    assert list(documented) == list(protocol.OPS)  # every op, in the table's order, and nothing else
+    for name, op in protocol.OPS.items():
+        assert callable(op.handler) and op.lane in (protocol.READ, protocol.WRITE), name
+        assert set(op.one_of) <= set(op.args), name
+        for arg in op.args:
+            assert f"`{arg}`" in documented[name], (name, arg)
+
+
+def test_every_op_is_tested_here():
+    assert set(VALID) == set(protocol.OPS)

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from sdm_peer import auth
 from sdm_peer.client import Client
 from sdm_peer.errors import BadInput, ServerUnavailable
 
@@ -97,3 +98,21 @@ def test_the_token_is_never_logged_or_echoed(tmp_path, start_server):  # noqa: F
     assert token not in repr(settings_answer)
     log = server.log()
     assert "lease 2" in log and token not in log  # the log is real and holds no token
+
+
+# ---------------------------------------------------------------- auth.py (the socket service and the dashboard)
+
+
+def test_a_token_matches_only_itself_whatever_a_request_carried():
+    assert auth.matches("s3cret", "s3cret") and auth.matches(b"s3cret", b"s3cret")
+    for given in ("s3cre", "s3cret ", "", None, 7, ["s3cret"], "s3cret\udcff"):
+        assert not auth.matches(given, "s3cret"), given
+
+
+def test_the_throttle_counts_failures_per_address_over_a_sliding_window():
+    clock = [1000.0]
+    throttle = auth.Throttle(allowed=3, window=60.0, clock=lambda: clock[0])
+    assert [throttle.failure("10.0.0.1") for _ in range(5)] == [0, 0, 0, 1, 2]
+    assert throttle.failure("10.0.0.2") == 0  # another address has its own allowance
+    clock[0] += 61.0  # the window slides past every earlier failure
+    assert throttle.failure("10.0.0.1") == 0

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from sdm_peer.cli import init_run
+from sdm_peer.run import init_run
 from sdm_peer.protocol import MAX_LINE
 from sdm_peer.rundir import read_token, token_path_for
 from sdm_peer.settings import validate
 
 from .conftest import grid, write_plan
+from .runs import wait_for
 
 START_TIMEOUT = 20.0  # seconds for a server process to print its listening line
 STOP_TIMEOUT = 10.0  # seconds for a server process to exit after SIGTERM
@@ -92,13 +93,14 @@ class ServerProcess:
 
 @pytest.fixture
 def start_server(tmp_path):
-    """start_server(db, *options, port=0, lease_seconds=2, run_dir=None) -> ServerProcess."""
+    """start_server(db, *options, port=0, lease_seconds=2, run_dir=None) -> ServerProcess
+    (lease_seconds=None: no --lease-seconds, the run's setting)."""
     started = []
 
     def start(db=None, *options, port=0, lease_seconds=2, run_dir=None):
         target = ["--dir", str(run_dir)] if run_dir is not None else ["--db", str(db)]
-        argv = [sys.executable, "-m", "sdm_peer", "serve", *target, "--port", str(port),
-                "--lease-seconds", str(lease_seconds), *options]
+        lease = [] if lease_seconds is None else ["--lease-seconds", str(lease_seconds)]
+        argv = [sys.executable, "-m", "sdm_peer", "serve", *target, "--port", str(port), *lease, *options]
         server = ServerProcess(argv, tmp_path / f"server{len(started)}.log")
         started.append(server)
         return server
@@ -243,6 +245,22 @@ def test_hello_answers_lease_seconds_and_settings_without_the_token(tmp_path, st
     assert answer["settings"]["command"] == ["python", "fit.py"] and answer["settings"]["max_failures"] == 5
     assert not [key for key in answer["settings"] if "token" in key]
     assert token.encode() not in conn.raw[0]
+
+
+def test_lease_seconds_given_to_serve_becomes_the_runs_setting_and_hello_agrees(tmp_path, start_server):
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 1), lease_seconds=60)
+    server = start_server(db, lease_seconds=7.5)
+    with Conn(server.address, token) as conn:
+        changed = result_of(conn.ask("hello", worker_id="w1", **SHAPE))
+    assert changed["lease_seconds"] == changed["settings"]["lease_seconds"] == 7.5
+    server.stop()
+    assert server.log().count("lease period changed from 60s to 7.5s") == 1
+    # Started again without --lease-seconds, it serves the stored period, and says nothing.
+    again = start_server(db, lease_seconds=None)
+    with Conn(again.address, token) as conn:
+        kept = result_of(conn.ask("hello", worker_id="w1", **SHAPE))
+    assert kept["lease_seconds"] == kept["settings"]["lease_seconds"] == 7.5
+    assert "lease period changed" not in again.log()
 
 
 def test_claim_renew_complete_and_status_on_one_connection_echo_request_ids(run, start_server):
@@ -428,42 +446,14 @@ def test_client_that_disconnects_mid_line_does_not_disturb_the_server(run, start
 # ---------------------------------------------------------------- leases
 
 
-def test_lease_token_of_a_finished_experiment_is_lease_lost(run, start_server):
-    db, token = run
-    server = start_server(db)
-    with Conn(server.address, token) as conn:
-        lease = claim(conn)["lease_token"]
-        result_of(conn.ask("complete", lease_token=lease, result={}, wall_seconds=1))
-        assert code_of(conn.ask("renew", lease_token=lease)) == "LEASE_LOST"
-        assert code_of(conn.ask("release", lease_token=lease, reason="late")) == "LEASE_LOST"
-        assert code_of(conn.ask("fail", lease_token=lease, error="late", exit_code=1, wall_seconds=1)) \
-            == "LEASE_LOST"
-
-
-def test_expired_lease_taken_back_by_another_worker_is_lease_lost(tmp_path, start_server):
-    db, token = make_run(tmp_path / "run", grid([(2, 4)], 1))
-    server = start_server(db, lease_seconds=0.5)
-    with Conn(server.address, token) as conn:
-        old = claim(conn, "w1")
-        deadline = time.monotonic() + 10
-        while (new := claim(conn, "w2")) is None:
-            assert time.monotonic() < deadline, "the lapsed lease was never taken back"
-            time.sleep(0.1)
-        assert new["key"] == old["key"] and new["attempt"] == 2
-        assert code_of(conn.ask("renew", lease_token=old["lease_token"])) == "LEASE_LOST"
-        assert code_of(conn.ask("complete", lease_token=old["lease_token"], result={}, wall_seconds=1)) \
-            == "LEASE_LOST"
-        assert result_of(conn.ask("renew", lease_token=new["lease_token"]))["lease_seconds_left"] == 0.5
-
-
 def test_server_start_extends_held_leases(tmp_path, start_server):
     db, token = make_run(tmp_path / "run", grid([(2, 4)], 1))
     server = start_server(db, lease_seconds=2)
     with Conn(server.address, token) as conn:
         experiment = claim(conn, "w1")
-    claimed_at = time.monotonic()
     assert server.stop() == 0
-    time.sleep(max(0.0, claimed_at + 2.3 - time.monotonic()))  # the lease period has passed while down
+    with sqlite3.connect(db) as con:  # the lease period passes while the server is down
+        con.execute("UPDATE experiments SET lease_expires_at = lease_expires_at - 2.3")
 
     server = start_server(db, lease_seconds=2)
     assert "1 held leases extended" in server.log()
@@ -489,14 +479,12 @@ def test_connection_beyond_max_connections_gets_busy(run, start_server):
             assert answer["id"] is None and code_of(answer) == "BUSY" and "3 connections" in answer["error"]["message"]
             assert extra.closed_by_server(within=5)
         held.pop().close()
-        deadline = time.monotonic() + 5
-        while True:  # the server notices the close soon; then a new connection is served again
+
+        def served_again():  # the server notices the close soon; then a new connection is served again
             with Conn(server.address, token) as conn:
                 conn.send(json.dumps({"v": 1, "id": 1, "op": "status", "token": token}).encode() + b"\n")
-                if conn.read()["ok"]:
-                    break
-            assert time.monotonic() < deadline, "a freed connection slot was never reused"
-            time.sleep(0.05)
+                return conn.read()["ok"]
+        wait_for(served_again, timeout=5, what="a freed connection slot reused")
         for conn in held:
             assert status(conn)["totals"]["total"] == 3
     finally:
@@ -504,18 +492,17 @@ def test_connection_beyond_max_connections_gets_busy(run, start_server):
             conn.close()
 
 
+@pytest.mark.timeout(30)
 def test_idle_connection_is_closed_while_an_active_one_stays(run, start_server):
     db, token = run
     server = start_server(db, "--idle-timeout", "1")
     with Conn(server.address, token) as idle, Conn(server.address, token) as active:
         status(idle)
-        started = time.monotonic()
         answered = 0
-        while not idle.closed_by_server(within=0.3):
-            assert time.monotonic() - started < 5, "the idle connection was not closed"
+        while not idle.closed_by_server(within=0.3):  # bounded by the test's timeout
             status(active)
             answered += 1
-        assert time.monotonic() - started >= 0.5 and answered >= 2
+        assert answered >= 2  # the idle one stayed open a while, the active one served meanwhile
         status(active)  # still open: it never sat idle for a whole second
 
 
@@ -527,9 +514,7 @@ def test_sigterm_with_an_idle_client_connected_exits_cleanly(run, start_server):
     server = start_server(db)
     with Conn(server.address, token) as conn:
         lease = claim(conn)["lease_token"]
-        started = time.monotonic()
-        assert server.stop() == 0
-        assert time.monotonic() - started < 5
+        assert server.stop() == 0  # within STOP_TIMEOUT
         assert conn.closed_by_server(within=5)
     assert "stopped" in server.log()
     with sqlite3.connect(db) as con:

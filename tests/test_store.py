@@ -1,15 +1,12 @@
-"""Every transition and refusal of the DESIGN §3 table, on a real SQLite file, with a moved clock."""
+"""The store on a real SQLite file with a moved clock: what lies beyond the lease transitions of
+DESIGN §3's table (those are tests/test_lease_contract.py's, run against the store and the socket)."""
 
 import pytest
 
 from sdm_peer import states as st
 from sdm_peer.errors import LeaseLost, NoSuchConfig
 
-from .conftest import LEASE, T0, grid
-
-
-def claim(store, worker="w1", shape=(2, 4), at=T0):
-    return store.claim(worker, *shape, now=at, lease_seconds=LEASE)
+from .conftest import LEASE, T0, claim, grid
 
 
 def row(store, key):
@@ -35,50 +32,6 @@ def test_claim_for_unknown_shape_is_refused(make_store):
         claim(store, shape=(3, 4))
 
 
-def test_claim_gives_distinct_experiments_then_none(make_store):
-    store = make_store(grid([(2, 4)], 2))
-    first, second, third = (claim(store, f"w{i}") for i in range(3))
-    assert first["experiment"]["key"] != second["experiment"]["key"]
-    assert third["experiment"] is None and third["config_done"] is False
-    assert third["retry_after"] == pytest.approx(LEASE)
-
-
-def test_renew_pushes_expiry_out(make_store):
-    store = make_store(grid([(2, 4)], 1))
-    exp = claim(store)["experiment"]
-    store.renew(lease_token=exp["lease_token"], now=T0 + 50, lease_seconds=LEASE)
-    assert row(store, exp["key"])["lease_expires_at"] == T0 + 50 + LEASE
-    # Not yet expired at the old expiry: nobody can take it.
-    assert claim(store, "w2", at=T0 + LEASE + 1)["experiment"] is None
-
-
-def test_expired_lease_is_taken_back_by_the_next_claim(make_store):
-    store = make_store(grid([(2, 4)], 1))
-    old = claim(store)["experiment"]
-    new = claim(store, "w2", at=T0 + LEASE + 0.001)["experiment"]
-    assert new["key"] == old["key"] and new["attempt"] == 2 and new["lease_token"] != old["lease_token"]
-    history = store.attempts(old["key"])
-    assert [a["outcome"] for a in history] == [st.EXPIRED, None]
-    assert row(store, old["key"])["interruptions"] == 1
-
-
-def test_renew_after_takeover_is_lease_lost(make_store):
-    store = make_store(grid([(2, 4)], 1))
-    old = claim(store)["experiment"]
-    claim(store, "w2", at=T0 + LEASE + 1)
-    before = row(store, old["key"])
-    with pytest.raises(LeaseLost):
-        store.renew(lease_token=old["lease_token"], now=T0 + LEASE + 2, lease_seconds=LEASE)
-    assert row(store, old["key"]) == before
-
-
-def test_renew_of_lapsed_but_untaken_lease_still_holds(make_store):
-    store = make_store(grid([(2, 4)], 1))
-    exp = claim(store)["experiment"]
-    store.renew(lease_token=exp["lease_token"], now=T0 + 5 * LEASE, lease_seconds=LEASE)
-    assert row(store, exp["key"])["status"] == st.STARTED
-
-
 def test_complete_stores_result_and_finishes_config(make_store):
     store = make_store(grid([(2, 4)], 1))
     exp = claim(store)["experiment"]
@@ -91,63 +44,6 @@ def test_complete_stores_result_and_finishes_config(make_store):
     assert claim(store, "w2", at=T0 + 14)["config_done"] is True
 
 
-def test_late_complete_after_takeover_is_kept_as_lost_never_over_the_other(make_store):
-    store = make_store(grid([(2, 4)], 1))
-    old = claim(store)["experiment"]
-    new = claim(store, "w2", at=T0 + LEASE + 1)["experiment"]
-    store.complete(new["lease_token"], {"by": "w2"}, 1.0, now=T0 + LEASE + 2)
-    with pytest.raises(LeaseLost):
-        store.complete(old["lease_token"], {"by": "w1"}, 99.0, now=T0 + LEASE + 3)
-    assert row(store, old["key"])["result"] == '{"by": "w2"}'
-    late = store.attempts(old["key"])[0]
-    assert late["outcome"] == st.LOST and late["result"] == '{"by": "w1"}' and late["wall_seconds"] == 99.0
-
-
-def test_repeated_complete_is_answered_again_without_change(make_store):
-    store = make_store(grid([(2, 4)], 2))
-    exp = claim(store)["experiment"]
-    store.complete(exp["lease_token"], {"x": 1}, 1.0, now=T0 + 1)
-    again = store.complete(exp["lease_token"], {"x": 2}, 2.0, now=T0 + 2)
-    assert again["duplicate"] is True and again["status"] == st.DONE
-    assert row(store, exp["key"])["result"] == '{"x": 1}'
-
-
-def test_forged_token_changes_nothing(make_store):
-    store = make_store(grid([(2, 4)], 1))
-    exp = claim(store)["experiment"]
-    before = row(store, exp["key"])
-    for call in (lambda: store.renew(lease_token="forged", now=T0, lease_seconds=LEASE),
-                 lambda: store.complete("forged", {}, 1.0, now=T0),
-                 lambda: store.fail("forged", "x", 1, 1.0, now=T0),
-                 lambda: store.release(lease_token="forged", reason="x", now=T0)):
-        with pytest.raises(LeaseLost):
-            call()
-    assert row(store, exp["key"]) == before
-
-
-def test_fail_is_error_then_failed_at_max_failures(make_store):
-    store = make_store(grid([(2, 4)], 1), max_failures=2)
-    exp = claim(store)["experiment"]
-    first = store.fail(exp["lease_token"], "boom\ntraceback", 1, 0.5, now=T0 + 1)
-    assert first["status"] == st.ERROR and first["config_done"] is False
-    exp = claim(store, at=T0 + 2)["experiment"]
-    assert exp["attempt"] == 2
-    second = store.fail(exp["lease_token"], "boom again", 1, 0.5, now=T0 + 3)
-    assert second["status"] == st.FAILED and second["config_done"] is True
-    stored = row(store, exp["key"])
-    assert stored["failures"] == 2 and "max_failures" in stored["failed_reason"]
-    assert [a["exit_code"] for a in store.attempts(exp["key"])] == [1, 1]
-
-
-def test_release_is_interrupted_and_does_not_count_as_failure(make_store):
-    store = make_store(grid([(2, 4)], 1))
-    exp = claim(store)["experiment"]
-    assert store.release(lease_token=exp["lease_token"], reason="SIGTERM", now=T0 + 1) == {"released": 1}
-    stored = row(store, exp["key"])
-    assert stored["status"] == st.INTERRUPTED and stored["interruptions"] == 1 and stored["failures"] == 0
-    assert claim(store, "w2", at=T0 + 2)["experiment"]["key"] == exp["key"]
-
-
 def test_release_by_worker_releases_all_its_leases(make_store):
     store = make_store(grid([(2, 4), (4, 8)], 2))
     claim(store, "w1"), claim(store, "w1", shape=(4, 8)), claim(store, "w2")
@@ -155,17 +51,6 @@ def test_release_by_worker_releases_all_its_leases(make_store):
     assert store.release(worker_id="nobody", reason="shutdown", now=T0 + 1) == {"released": 0}
     counts = store.status(now=T0 + 1)["totals"]
     assert counts["interrupted"] == 2 and counts["started"] == 1
-
-
-def test_interruption_budget_ends_in_failed(make_store):
-    store = make_store(grid([(2, 4)], 1), max_interruptions=2)
-    exp = claim(store)["experiment"]
-    store.release(lease_token=exp["lease_token"], reason="x", now=T0 + 1)
-    claim(store, at=T0 + 2)
-    answer = claim(store, "w2", at=T0 + 2 + LEASE + 1)  # the second interruption: an expiry
-    stored = row(store, exp["key"])
-    assert stored["status"] == st.FAILED and "max_interruptions" in stored["failed_reason"]
-    assert answer["experiment"] is None and answer["config_done"] is True
 
 
 def test_handoff_goes_to_the_finisher_exactly_once(make_store):
@@ -253,10 +138,54 @@ def test_server_start_extends_every_held_lease(make_store):
 def test_claim_query_is_an_index_seek_at_100k_experiments(make_store):
     store = make_store(grid([(2, 4), (4, 8)], 50_000))
     store.conn.execute("ANALYZE")
-    plan = " | ".join(store.explain_claim())
+    plan = " | ".join(store.query_plan("claim_next"))
     assert "USING COVERING INDEX experiments_claimable (config=?)" in plan or \
         "USING INDEX experiments_claimable (config=?)" in plan, plan
     assert "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
+
+
+# The statements every claim and report runs, and the index each must seek (None: its table's
+# own key). A full SCAN of experiments or attempts in any of them costs a walk per request.
+HOT_STATEMENTS = {
+    "config_of_shape": "sqlite_autoindex_configs_4",
+    "claim_next": "experiments_claimable",
+    "reissue": "experiments_lease_owner",  # held by this worker already?
+    "claim": None,
+    "expired_leases": "experiments_leased",
+    "expire": None,
+    "next_expiry": "experiments_leased",
+    "renew": "sqlite_autoindex_experiments_2",
+    "complete": "sqlite_autoindex_experiments_2",
+    "fail": "sqlite_autoindex_experiments_2",
+    "leases_of_token": "sqlite_autoindex_experiments_2",
+    "leases_of_worker": "experiments_lease_owner",
+    "release": None,
+    "attempt_end": "sqlite_autoindex_attempts_1",
+    "attempt_of_lease": "sqlite_autoindex_attempts_1",
+    "config_unfinished": "experiments_config_status",
+    "config_first_claim": None,
+    "config_finish": None,
+    "pending_provision": "configs_provisioning",
+    "worker_seen": None,
+    "worker_renewed": None,
+}
+
+
+def test_every_hot_statement_is_an_index_seek(make_store):
+    store = make_store(grid([(2, 4), (4, 8)], 2_000))
+    for n in range(200):  # some of every status, so that the statistics see a run under way
+        experiment = claim(store, f"w{n}")["experiment"]
+        if n % 2:
+            store.complete(experiment["lease_token"], {}, 1.0, now=T0 + 1)
+    store.conn.execute("ANALYZE")
+    for name, index in HOT_STATEMENTS.items():
+        plan = store.query_plan(name)
+        seeks = [line for line in plan if line.startswith("SEARCH")]
+        assert seeks, (name, plan)
+        assert not [line for line in plan if line.startswith("SCAN") and line != "SCAN CONSTANT ROW"], (name, plan)
+        assert not [line for line in plan if "TEMP B-TREE" in line], (name, plan)
+        if index is not None:
+            assert any(f"INDEX {index} (" in line for line in seeks), (name, plan)
 
 
 def sqlite_steps(store, call):

@@ -4,7 +4,8 @@ A hypothesis state machine plays several workers of three shapes against one Sto
 `local` provider (so hand-offs happen): claims, renewals, completions, failures and releases with
 any token handed out so far (stale ones included), releases by worker id, clock jumps shorter
 and longer than the lease, `bootstrap`'s acquire_provisioning and `provisioned`. After every
-step the rows are read back with plain SQL and checked against the contract."""
+step the rows are read back with plain SQL and checked against the contract, and every status
+and state change that TEMP triggers saw is checked against the transition tables."""
 
 import json
 import shutil
@@ -21,6 +22,7 @@ from sdm_peer.plan import read_plan
 from sdm_peer.store import Store
 
 from .conftest import T0, grid, write_plan
+from .moves import illegal, take_moves, watch_moves
 
 LEASE = 30.0
 PROVISION_LEASE = 45.0
@@ -45,6 +47,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.import_plan(plan, settings={"provider": "local", "max_failures": 2, "max_interruptions": 3,
                                                "provision_lease_seconds": PROVISION_LEASE}, now=T0)
         self.conn = self.store.conn
+        watch_moves(self.conn)
         self.now = T0
         self.lease_tokens = ["forged-lease-token"]
         self.provision_tokens = ["forged-provision-token"]
@@ -198,6 +201,11 @@ class StoreMachine(RuleBasedStateMachine):
         self.call(self.store.renew, provision_token=token, lease_seconds=LEASE)
 
     # ------------------------------------------------------------------ invariants
+
+    @invariant()
+    def every_move_is_in_the_transition_tables(self):
+        moves = take_moves(self.conn)
+        assert not illegal(moves), illegal(moves)
 
     @invariant()
     def leases_match_statuses_and_attempts(self):

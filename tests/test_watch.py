@@ -1,11 +1,12 @@
 """`sdm-peer status --watch` driven in a real pseudo-terminal, as a person runs it: the screen
 shows the configs, their counts, the live lease and its worker, throughput and ETA, and Ctrl-C
-ends it with exit 0 and the cursor shown again."""
+ends it with exit 0 and the cursor shown again. And the status table fits 80 columns."""
 
 import fcntl
 import os
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -28,6 +29,9 @@ class Terminal:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
 
         def take_terminal():
+            # A person's shell starts the command with Ctrl-C's default action; a test run
+            # started in the background of a shell without job control inherits it ignored.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
@@ -117,3 +121,29 @@ def test_watch_refuses_a_period_that_is_not_positive(make_store):
     done = subprocess.run([sys.executable, "-m", "sdm_peer", "status", "--db", str(store.path), "--watch", "0"],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--watch" in done.stderr
+
+
+def test_status_fits_an_80_column_terminal_without_cutting_a_column(make_store):
+    """The widest things a status table shows: a config PROVISIONING, counts in the thousands,
+    a mean of a few thousand seconds, lapsed leases: every header and value whole at 80 columns."""
+    from rich.console import Console
+
+    from sdm_peer.overview import PROGRESS_COLUMNS, overview
+    from sdm_peer.view import status_view
+
+    now = time.time()
+    store = make_store(grid([(16, 64)], 3) + grid([(96, 384)], 2400) + grid([(224, 1792)], 40), provider="local")
+    for worker in ("w-alpha", "w-beta", "w-gamma"):  # c16-m64 finishes: c96-m384 is handed off
+        lease = store.claim(worker, 16, 64, now=now - 3000, lease_seconds=60)["experiment"]
+        store.complete(lease["lease_token"], {}, 1234.5, now=now - 1800)
+    store.claim("w-delta", 224, 1792, now=now - 100, lease_seconds=60)  # lapsed, not yet taken back
+    console = Console(width=80, record=True)
+    console.print(status_view(overview(store, now=now)))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80
+    header = next(line for line in lines if line.startswith("config"))
+    assert header.split() == " ".join(PROGRESS_COLUMNS).split() and header.rstrip().endswith("mean s"), header
+    rows = {line.split()[0]: line for line in lines if line.startswith(("c16-m64", "c96-m384", "c224-m1792"))}
+    assert re.search(r"c16-m64\s+DONE\s+\S+\s+100\.0\s+3\s+0\s+0\s+0\s+0\s+1,234$", rows["c16-m64"].rstrip())
+    assert re.search(r"c96-m384\s+PROVISIONING\s+0\.0\s+0\s+0\s+2,400\s+0\s+0$", rows["c96-m384"].rstrip())
+    assert re.search(r"c224-m1792\s+RUNNING\s+0\.0\s+0\s+1 \(1\s+39\s+0\s+0$", rows["c224-m1792"].rstrip())

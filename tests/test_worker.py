@@ -1,27 +1,22 @@
 """The worker agent against a real server: the command's environment contract, results,
-lost leases and waiting for work."""
+lost leases, waiting for work and keeping a provisioning lease while it creates a group."""
 
 import json
 import os
+import signal
 import time
 
 import pytest
 
 from sdm_peer import states as st
+from sdm_peer.client import Client
 from sdm_peer.errors import SdmPeerError
-from sdm_peer.worker import MAX_RESULT_BYTES, read_result
+from sdm_peer.worker import MAX_RESULT_BYTES, Worker, read_result
 
-from .runs import init, job_command, shape_rows, start_server, start_worker, wait_for, with_store
+from .runs import (attempts, experiments, init, job_command, shape_rows, start_server, start_worker, wait_for,
+                   with_store)
 
 A = (1, 1)
-
-
-def experiments(run):
-    return with_store(run, lambda store: list(store.experiments()))
-
-
-def attempts(run, key=None):
-    return with_store(run, lambda store: store.attempts(key))
 
 
 @pytest.fixture
@@ -98,11 +93,14 @@ def test_idle_worker_waits_while_leases_are_live_and_exits_when_the_config_is_do
     busy = start_worker(run, A, job_command(tmp_path), worker_id="busy")
     wait_for(lambda: experiments(run)[0]["status"] == st.STARTED, what="a claim")
     idle = start_worker(run, A, job_command(tmp_path), worker_id="idle")
-    time.sleep(0.5)
-    assert idle.poll() is None  # waiting: the lease it might have to re-run is still live
     assert busy.wait(timeout=30) == 0
     assert idle.wait(timeout=30) == 0
-    assert [a["worker"] for a in attempts(run)] == ["busy"]
+    [attempt] = attempts(run)
+    assert attempt["worker"] == "busy"
+    # The idle one waited while the lease was live: it was still asking after the experiment was done.
+    last_seen = with_store(run, lambda store: store.conn.execute(
+        "SELECT last_seen FROM workers WHERE id = 'idle'").fetchone()[0])
+    assert last_seen >= attempt["ended_at"]
 
 
 def test_worker_of_an_unknown_shape_exits_with_a_clear_error(served, tmp_path):
@@ -133,3 +131,45 @@ def test_command_that_cannot_start_is_an_error(served, tmp_path):
     attempt = attempts(run)[0]
     assert attempt["outcome"] == st.ERROR and "cannot start" in attempt["error"]
     assert os.path.isdir(run.work)
+
+
+class SlowProvider:
+    """A provider whose create_group outlasts the provisioning lease period (as creating a cloud
+    group can): while it runs, another party tries to take the provisioning over."""
+
+    def __init__(self, run):
+        self.run, self.takeovers = run, []
+
+    def create_group(self, provision):
+        lapses_at = time.time() + provision["lease_seconds_left"]  # unless renewed
+        wait_for(lambda: time.time() > lapses_at + provision["lease_seconds_left"] / 2, timeout=60,
+                 what="a full provisioning lease period and more to pass")
+        intruder = Client.for_run_dir(self.run)
+        try:
+            taken = intruder.call("acquire_provisioning", owner="intruder")["provision"]
+            self.takeovers.append(taken)
+            if taken:  # the lease had lapsed: finish the hand-off, so the worker can end and the test fail
+                intruder.call("provisioned", provision_token=taken["provision_token"], worker_id="intruder")
+        finally:
+            intruder.close()
+
+
+def test_a_provisioning_lease_is_kept_while_a_slow_create_group_runs(served, tmp_path):
+    period = 1.5  # seconds of the provisioning lease; create_group takes twice as long
+    run = served(shape_rows(A, 1) + shape_rows((2, 2), 1), provider="local", command=job_command(tmp_path),
+                 provision_lease_seconds=period)
+    provider = SlowProvider(run)
+    client = Client.for_run_dir(run)
+    worker = Worker(client, None, worker_id="w1", cores=A[0], memory_gb=A[1], work_root=run.work,
+                    provider_for=lambda settings: provider)
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert worker.run() == 0  # finishes c1-m1, provisions c2-m2, exits
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        client.close()
+    assert provider.takeovers == [None]  # the lease was still held, past its first period
+    events = with_store(run, lambda store: store.events())
+    assert [(e["kind"], e["config"], e["worker"]) for e in events if e["kind"] in ("group_provisioned",
+                                                                                 "provision_takeover")] == \
+        [("group_provisioned", "c2-m2", "w1")]

@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ProviderError
+from ..errors import ProviderError, SettingsError
+from ..processes import alive, signal_ours, wait_gone
 from ..rundir import RunDir
-from . import config_name
+from .base import Provider
 
 log = logging.getLogger("sdm_peer.local")
 
@@ -30,11 +31,17 @@ RESPAWN_BACKOFF = (1.0, 30.0)  # first and longest wait before replacing a worke
 STEADY_SECONDS = 60.0  # a worker that lived this long resets its slot's backoff
 
 
-class LocalProvider:
+class LocalProvider(Provider):
     def __init__(self, run_dir, server=None):
         """`server`: the HOST:PORT workers use to reach the server (None: RUNDIR/server.json)."""
         self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.server = server
+
+    @classmethod
+    def for_run(cls, settings, run_dir, token):
+        if run_dir is None:
+            raise SettingsError("the local provider needs the run directory (SDM_RUN_DIR or --dir)")
+        return cls(run_dir, server=settings.get("server"))
 
     def group_dir(self, name):
         return self.run.groups / name
@@ -47,16 +54,16 @@ class LocalProvider:
             return []
         return [record for path in sorted(self.run.groups.iterdir()) if (record := self.group(path.name))]
 
-    def create_group(self, config):
+    def create_group(self, spec):
         """Start the group's supervisor unless it is already running (idempotent)."""
-        name = config_name(config)
+        name = spec.name
         directory = self.group_dir(name)
         record = self.group(name)
-        if record and not record["deleted"] and _alive(record["supervisor_pid"]):
+        if record and not record["deleted"] and alive(record["supervisor_pid"]):
             return record
         directory.mkdir(parents=True, exist_ok=True)
-        record = {"config": name, "cores": config["cores"], "memory_gb": config["memory_gb"],
-                  "size": config["group_size"], "created_at": time.time(), "deleted": False,
+        record = {"config": name, "cores": spec.cores, "memory_gb": spec.memory_gb, "size": spec.group_size,
+                  "created_at": time.time(), "deleted": False,
                   "supervisor_pid": None, "server": self.server}
         _write_json(directory / "group.json", record)
         with open(directory / "supervisor.log", "ab") as logfile:
@@ -70,12 +77,12 @@ class LocalProvider:
         _write_json(directory / "group.json", record)
         return record
 
-    def delete_group(self, config):
+    def delete_group(self, spec):
         """Stop the group: no more replacements, every worker gets SIGTERM (idempotent).
 
         Called from inside the group (a worker removing its own), it does not wait: the
         supervisor ends the caller too, as deleting its own VM's group would."""
-        name = config_name(config)
+        name = spec.name
         record = self.group(name)
         if record is None:
             return
@@ -83,16 +90,14 @@ class LocalProvider:
             record["deleted"] = True
             _write_json(self.group_dir(name) / "group.json", record)
         pids = [record["supervisor_pid"], *self.worker_pids(name)]
-        _signal(record["supervisor_pid"], signal.SIGTERM)
+        signal_ours(record["supervisor_pid"], signal.SIGTERM)
         if os.environ.get("SDM_GROUP") == name and os.environ.get("SDM_RUN_DIR") == str(self.run.path):
             return
-        deadline = time.monotonic() + STOP_WAIT
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_gone(pids, STOP_WAIT, poll=0.1)
         for pid in pids:
-            _signal(pid, signal.SIGKILL)
+            signal_ours(pid, signal.SIGKILL)
 
-    def leave_group(self, config, worker_id):
+    def leave_group(self, spec, worker_id):
         """Shrinking: the worker's own exit (status 0) is its leaving. The supervisor never
         replaces a worker that exited 0, which lowers the group's target by one; the group ends
         when its last worker has exited 0 or when it is deleted."""
@@ -173,50 +178,15 @@ class Supervisor:
     def _stop_workers(self):
         live = [process for process, _ in self.slots.values() if process.poll() is None]
         for process in live:
-            _signal(process.pid, signal.SIGTERM)
+            signal_ours(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + 20.0
         for process in live:
             try:
                 process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _signal(process.pid, signal.SIGKILL)
+                signal_ours(process.pid, signal.SIGKILL)
                 process.wait()
         self._save_pids()
-
-
-def _alive(pid):
-    """True if the process exists and is not a zombie."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _ours(pid):
-    """True if pid is an sdm-peer process: a recorded pid may have been reused since."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            command = cmdline.read()
-    except OSError:
-        return False
-    return b"sdm_peer" in command or b"sdm-peer" in command
-
-
-def _signal(pid, signum):
-    if pid and _ours(pid):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
 
 def _read_json(path):

@@ -12,22 +12,20 @@
    claim being the proof its group exists).
 
 Every step is idempotent, so running it again resumes. `--dry-run` prints every Compute Engine
-call instead and changes nothing."""
+call instead and changes nothing. `--http-port` is refused: the database VM serves no dashboard."""
 
-import logging
 import time
 
-from . import replication
-from . import settings as settings_mod
-from .bootstrap import provision_groups, stored_settings
-from .client import Client
-from .errors import SdmPeerError, ServerUnavailable, SettingsError
-from .providers import check_run, gce
-from .rundir import RunDir, parse_address, read_token
-from .states import PROVISIONING, RUNNING, WAITING
-from .store import Store, config_name
-
-log = logging.getLogger("sdm_peer.bootstrap")
+from ... import replication
+from ... import settings as settings_mod
+from ...client import Client
+from ...errors import BadInput, SdmPeerError, ServerUnavailable, SettingsError
+from ...run import Started, init_run, provision_groups, stored_settings
+from ...rundir import RunDir, parse_address, read_token
+from ...states import PROVISIONING, RUNNING, WAITING
+from ...store import Store, config_name
+from .. import gce
+from ..base import GroupSpec
 
 BOOT_TIMEOUT = 900.0  # seconds for a new database VM to install sdm-peer and serve
 POLL_SECONDS = 2.0
@@ -40,14 +38,31 @@ def run_name_for(path):
     return name if name[:1].isalpha() else None
 
 
+def bootstrap_run(run, plan_file, settings, options, *, echo=print):
+    """`sdm-peer bootstrap --provider gce`: the run's gce settings from the flags, then a dry run,
+    or init and bootstrap. Returns run.Started, or None for a dry run."""
+    if options.http_port is not None:
+        raise BadInput("--http-port is for --provider local (the database VM of a gce run serves no dashboard)")
+    flags = {"project": options.project, "zone": options.zone, "lease_seconds": options.lease_seconds}
+    settings = run_settings(run.path, {**settings, **settings_mod.validate(
+        {key: value for key, value in flags.items() if value is not None})}, options.bucket)
+    if options.dry_run:
+        dry_run(plan_file, settings, echo=echo)
+        return None
+    run.path.mkdir(parents=True, exist_ok=True)
+    counts = init_run(run.db, plan_file, settings)
+    started = bootstrap(run, echo=echo)
+    return Started(counts, "the run is on Compute Engine", f"--replica {started['replica_url']} --watch 30")
+
+
 def dry_run(plan_file, settings, *, echo=print):
     """Print what bootstrap would do, every Compute Engine call included; write nothing."""
-    from .plan import read_plan
-    from .providers.gce_api import DryRunApi
+    from ...plan import read_plan
+    from .api import DryRunApi
 
     plan = read_plan(plan_file)
     settings = settings_mod.with_defaults(settings)
-    check_run(settings, [(config.cores, config.memory_gb) for config in plan.configs])
+    gce.check_run(settings, [(config.cores, config.memory_gb) for config in plan.configs])
     full = gce.gce_settings(settings)
     api = DryRunApi(full["project"], full["zone"], echo=echo)
     echo(f"would write the database: {len(plan.experiments):,} experiments in {len(plan.configs):,} configs")
@@ -56,19 +71,18 @@ def dry_run(plan_file, settings, *, echo=print):
     api.insert_instance(gce.db_vm_body(full, "<token>"))
     echo(f"would wait until the server at {full['server']} answers")
     first = plan.configs[0]
-    config = {"config": config_name(first.cores, first.memory_gb), "cores": first.cores,
-              "memory_gb": first.memory_gb, "group_size": first.group_size or full["group_size"]}
-    gce.GceProvider(full, "<token>", api=api).create_group(config)
+    spec = GroupSpec(config_name(first.cores, first.memory_gb), first.cores, first.memory_gb,
+                     first.group_size or full["group_size"])
+    gce.GceProvider(full, "<token>", api=api).create_group(spec)
 
 
 def bootstrap(run, *, echo=print, api=None):
     """Bring a gce run (initialised in `run` by `init`) up; return the run's gce settings."""
-    store = Store(run.db, create=False)
-    settings = gce.gce_settings(store.settings)
-    store.close()
+    with Store(run.db, create=False) as store:
+        settings = gce.gce_settings(store.settings)
     token = read_token(run.token_file)
     if api is None:
-        from .providers.gce_api import ComputeApi
+        from .api import ComputeApi
 
         api = ComputeApi(settings["project"], settings["zone"])
     replica = settings["replica_url"]
@@ -136,7 +150,7 @@ def provision_from_replica(replica, provider, *, echo=print):
     if not wanted:
         wanted = [config for config in configs if config["state"] == WAITING][:1]
     for config in wanted:
-        provider.create_group({**config, "config": config["name"]})
+        provider.create_group(GroupSpec.from_config(config))
         echo(f"made sure the group of {config['name']} exists")
 
 

@@ -19,11 +19,11 @@ import time
 
 import tenacity
 
-from ..errors import ProviderError
-from .gce import ENDPOINT_ENV
+from ...errors import ProviderError
 
 log = logging.getLogger("sdm_peer.gce")
 
+ENDPOINT_ENV = "SDM_GCE_API_ENDPOINT"  # set: plain HTTP to this host:port, anonymous credentials
 RETRY_SECONDS = 300.0  # how long a transient refusal is retried before it is an error
 RETRY_MAX_WAIT = 30.0
 OPERATION_TIMEOUT = 900.0  # a managed group of large VMs can take minutes
@@ -132,9 +132,11 @@ class ComputeApi:
             pause = min(pause * 2, longest)
 
     def delete_instances(self, group, names):
-        """Remove VMs from a managed group; its target size drops by as many (a missing group is fine)."""
+        """Remove VMs from a managed group; its target size drops by as many (a missing group, or a
+        VM no longer in it, is fine)."""
         request = self.compute.InstanceGroupManagersDeleteInstancesRequest(
-            instances=[f"zones/{self.zone}/instances/{name}" for name in names])
+            instances=[f"zones/{self.zone}/instances/{name}" for name in names],
+            skip_instances_on_validation_error=True)
         return self._delete(f"VM(s) {', '.join(names)} of managed instance group", group,
                             self.groups.delete_instances_unary, zone=self.zone, instance_group_manager=group,
                             instance_group_managers_delete_instances_request_resource=request)
@@ -315,7 +317,8 @@ class DryRunApi:
 
     def delete_instances(self, group, names):
         return self._show("POST", f"zones/{self.zone}/instanceGroupManagers/{group}/deleteInstances",
-                          {"instances": [f"zones/{self.zone}/instances/{name}" for name in names]})
+                          {"instances": [f"zones/{self.zone}/instances/{name}" for name in names],
+                           "skipInstancesOnValidationError": True})
 
     def wait_for_group(self, name, timeout):
         self.echo(f"would wait up to {timeout:.0f}s for a VM of {name} to run")

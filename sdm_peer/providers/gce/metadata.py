@@ -11,7 +11,7 @@ import urllib.request
 
 import tenacity
 
-from .errors import SdmPeerError
+from ...errors import SdmPeerError
 
 METADATA_URL_ENV = "SDM_METADATA_URL"
 DEFAULT_METADATA_URL = "http://metadata.google.internal/computeMetadata/v1"

@@ -16,14 +16,15 @@
 import time
 from collections import Counter
 
-from . import replication
-from .errors import SdmPeerError, ServerUnavailable
-from .gce_bootstrap import client_answers, db_server_client
-from .overview import finished
-from .providers import gce
-from .rundir import read_token
-from .states import COUNT_FIELDS
-from .store import Store
+from ... import replication
+from ...errors import SdmPeerError, ServerUnavailable
+from ...overview import finished
+from ...rundir import read_token
+from ...states import COUNT_FIELDS
+from ...store import Store
+from .. import gce
+from ..base import GroupSpec
+from .bootstrap import client_answers, db_server_client
 
 REPLICA_WAIT = 120.0  # seconds the replica is given to catch up with the server
 POLL_SECONDS = 2.0
@@ -34,12 +35,22 @@ class ResultsNotConfirmed(SdmPeerError):
     """The replica could not be shown to hold every result: the database VM is kept."""
 
 
+def stop_run(run, options, *, echo=print):
+    """`sdm-peer stop` of a gce run (`--dry-run`: only say what it would do); what to say after
+    the run directory, or None."""
+    if options.dry_run:
+        dry_run(run, echo=echo)
+        return None
+    stop(run, force=options.force, echo=echo)
+    return "stopped; nothing of it is left on Compute Engine"
+
+
 def stop(run, *, force=False, echo=print, api=None):
     """Tear a gce run down (groups, then, once its results are safe, the database VM and the
     firewall rule); return the run's gce settings."""
     settings, configs = stored_run(run)
     if api is None:
-        from .providers.gce_api import ComputeApi
+        from .api import ComputeApi
 
         api = ComputeApi(settings["project"], settings["zone"])
     for name in delete_groups(settings, configs, api):
@@ -61,7 +72,7 @@ def stop(run, *, force=False, echo=print, api=None):
 
 def dry_run(run, *, echo=print):
     """Print every Compute Engine call `stop` would make; change nothing, contact nothing."""
-    from .providers.gce_api import DryRunApi
+    from .api import DryRunApi
 
     settings, configs = stored_run(run)
     api = DryRunApi(settings["project"], settings["zone"], echo=echo)
@@ -73,11 +84,8 @@ def dry_run(run, *, echo=print):
 def stored_run(run):
     """The run's gce settings and its configs' names, from RUNDIR/sdm.db (every config the run
     was given: the database VM's copy cannot have more)."""
-    store = Store(run.db, readonly=True)
-    try:
+    with Store(run.db, readonly=True) as store:
         return gce.gce_settings(store.settings), [config["name"] for config in store.status(now=time.time())["configs"]]
-    finally:
-        store.close()
 
 
 def delete_groups(settings, configs, api):
@@ -90,7 +98,7 @@ def delete_groups(settings, configs, api):
     for config in configs:
         name = gce.group_name(settings, config)
         if groups is None or name in groups:  # None: not listed (a dry run), so by name
-            if provider.delete_group({"config": config}):
+            if provider.delete_group(GroupSpec(config)):
                 removed.append(config)
         elif name in templates:  # left behind by a worker stopped between its group and its template
             api.delete_template(name)

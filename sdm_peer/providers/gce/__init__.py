@@ -2,16 +2,18 @@
 made from one instance template per config.
 
 This module decides what to create: names, labels, machine types and the request bodies (the
-Compute Engine REST JSON), all from the run's settings. gce_api.py talks to Compute Engine.
-The managed group re-creates preempted VMs; sdm-peer never babysits VMs."""
+Compute Engine REST JSON), all from the run's settings. api.py talks to Compute Engine;
+bootstrap.py and stop.py start and stop a whole run; cloudinit.py renders the VMs' cloud-configs
+and metadata.py is what a VM reads back. The managed group re-creates preempted VMs; sdm-peer
+never babysits VMs."""
 
 import logging
 
-from .. import cloudinit
-from .. import metadata as md
-from ..errors import BadInput, ProviderError, SettingsError
-from . import config_name
-from .machine_types import UnservableShape, custom_machine_type
+from ...errors import BadInput, ProviderError, SettingsError
+from ..base import Provider
+from . import cloudinit
+from . import metadata as md
+from .machine_types import FAMILIES, UnservableShape, custom_machine_type
 
 IMAGE_FAMILIES_HINT = ("an Ubuntu LTS image, e.g. --set image=projects/ubuntu-os-cloud/global/images/family/"
                        "ubuntu-2404-lts-amd64")
@@ -23,7 +25,6 @@ NO_CLOUD_INIT_PROJECTS = {"debian-cloud", "centos-cloud", "rocky-linux-cloud", "
 
 log = logging.getLogger("sdm_peer.gce")
 
-ENDPOINT_ENV = "SDM_GCE_API_ENDPOINT"  # set: plain HTTP to this host:port, anonymous credentials
 REQUIRED = ("project", "zone", "run_name")
 DEFAULTS = {
     "network": "default",
@@ -40,8 +41,11 @@ DB_MACHINE_TYPE = "e2-small"  # 2 shared vCPUs, 2 GB: the server is one SQLite w
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]  # access is governed by IAM roles
 
 
+MACHINE_FAMILIES = tuple(FAMILIES)  # the `machine_family` setting's values
+
+
 def _package_spec():
-    from .. import __version__
+    from ... import __version__
 
     return f"sdm-peer[gce]=={__version__}"
 
@@ -171,13 +175,13 @@ def _scheduling(settings):
 
 # ---------------------------------------------------------------- request bodies
 
-def template_body(settings, config, token):
-    name = config_name(config)
+def template_body(settings, spec, token):
+    name = spec.name
     return {
         "name": group_name(settings, name),
         "description": f"sdm-peer run {settings['run_name']}: workers of config {name}",
         "properties": {
-            "machineType": custom_machine_type(config["cores"], config["memory_gb"], settings.get("machine_family")),
+            "machineType": custom_machine_type(spec.cores, spec.memory_gb, settings.get("machine_family")),
             "labels": _labels(settings, name),
             "tags": {"items": [worker_tag(settings)]},
             "scheduling": _scheduling(settings),
@@ -191,18 +195,18 @@ def template_body(settings, config, token):
                 md.TOKEN_KEY: token,
                 md.RUN_KEY: settings["run_name"],
                 md.CONFIG_KEY: name,
-                md.CORES_KEY: config["cores"],
-                md.MEMORY_KEY: config["memory_gb"],
+                md.CORES_KEY: spec.cores,
+                md.MEMORY_KEY: spec.memory_gb,
             }),
         },
     }
 
 
-def group_body(settings, config):
-    name = group_name(settings, config_name(config))
-    return {"name": name, "baseInstanceName": name, "targetSize": config["group_size"],
+def group_body(settings, spec):
+    name = group_name(settings, spec.name)
+    return {"name": name, "baseInstanceName": name, "targetSize": spec.group_size,
             "instanceTemplate": f"projects/{settings['project']}/global/instanceTemplates/{name}",
-            "description": f"sdm-peer run {settings['run_name']}: workers of config {config_name(config)}"}
+            "description": f"sdm-peer run {settings['run_name']}: workers of config {spec.name}"}
 
 
 def db_vm_body(settings, token):
@@ -230,43 +234,70 @@ def firewall_body(settings):
 
 # ---------------------------------------------------------------- the provider
 
-class GceProvider:
+class GceProvider(Provider):
+    bootstrap_flags = ("project", "zone", "bucket", "dry_run")
+    stop_flags = ("force", "dry_run")
+
     def __init__(self, settings, token, api=None):
-        """`settings`: the run's; `token`: what workers present to the server; `api`: a
-        gce_api.ComputeApi (default: for the run's project and zone, SDM_GCE_API_ENDPOINT honoured)."""
+        """`settings`: the run's; `token`: what workers present to the server; `api`: an
+        api.ComputeApi (default: for the run's project and zone, SDM_GCE_API_ENDPOINT honoured)."""
         self.settings = gce_settings(settings)
         self.token = token
         if api is None:
-            from .gce_api import ComputeApi
+            from .api import ComputeApi
 
             api = ComputeApi(self.settings["project"], self.settings["zone"])
         self.api = api
 
-    def create_group(self, config):
+    @classmethod
+    def for_run(cls, settings, run_dir, token):
+        if token is None:
+            raise SettingsError("the gce provider needs the run's token")
+        return cls(settings, token)
+
+    check_run = staticmethod(check_run)
+
+    @classmethod
+    def bootstrap_run(cls, run, plan_file, settings, options, *, echo):
+        from .bootstrap import bootstrap_run  # it makes groups with this class
+
+        return bootstrap_run(run, plan_file, settings, options, echo=echo)
+
+    @classmethod
+    def stop_run(cls, run, settings, options, *, echo):
+        from .stop import stop_run  # it deletes groups with this class
+
+        return stop_run(run, options, echo=echo)
+
+    @staticmethod
+    def worker_identity():
+        return md.worker_identity()
+
+    def create_group(self, spec):
         """The config's template, then its managed instance group of `group_size` VMs; both
         kept if they exist (idempotent). Returns once the group's first VM runs; raises
         GroupCannotRun (one line: why) if the cloud reports it cannot make one, or
         ProviderError if none runs within `group_wait_seconds`."""
-        name = group_name(self.settings, config_name(config))
+        name = group_name(self.settings, spec.name)
         try:
-            template = template_body(self.settings, config, self.token)
+            template = template_body(self.settings, spec, self.token)
         except UnservableShape as exc:  # `init` refuses such shapes; a database edited since may not
-            raise ProviderError(f"config {config_name(config)} cannot be served on Compute Engine: {exc}") from None
+            raise ProviderError(f"config {spec.name} cannot be served on Compute Engine: {exc}") from None
         self.api.insert_template(template)
-        self.api.insert_group(group_body(self.settings, config))
-        log.info("group %s of config %s: %s VMs asked for", name, config_name(config), config["group_size"])
+        self.api.insert_group(group_body(self.settings, spec))
+        log.info("group %s of config %s: %s VMs asked for", name, spec.name, spec.group_size)
         self.api.wait_for_group(name, self.settings["group_wait_seconds"])
-        log.info("group %s of config %s: its first VM runs", name, config_name(config))
+        log.info("group %s of config %s: its first VM runs", name, spec.name)
         return name
 
-    def delete_group(self, config):
+    def delete_group(self, spec):
         """The managed group (its VMs go with it), then the template it used; a missing one is
         fine (idempotent). The template can only go once no group uses it. True if the group
         was there."""
-        name = group_name(self.settings, config_name(config))
+        name = group_name(self.settings, spec.name)
         existed = self.api.delete_group(name)
         self.api.delete_template(name)
-        log.info("group %s of config %s deleted", name, config_name(config))
+        log.info("group %s of config %s deleted", name, spec.name)
         return existed
 
     def sweep_templates(self, finished):
@@ -284,9 +315,9 @@ class GceProvider:
             log.info("template %s of a finished config swept", name)
         return swept
 
-    def leave_group(self, config, worker_id):
+    def leave_group(self, spec, worker_id):
         """Shrinking: delete this worker's VM (its instance name is its worker id) through its
         managed group, which lowers the group's target size so the VM is not re-created."""
-        name = group_name(self.settings, config_name(config))
+        name = group_name(self.settings, spec.name)
         self.api.delete_instances(name, [worker_id])
         log.info("VM %s left group %s", worker_id, name)

@@ -1,0 +1,1 @@
+sdm_peer/schema.sql
