@@ -394,7 +394,7 @@ class FakeCompute(_Server):
                       body)
         leaving = [url.rpartition("/")[2] for url in body["instances"]]
         if body.get("skipInstancesOnValidationError"):  # as Compute Engine: non-members are skipped
-            leaving = [instance for instance in leaving if instance in group["_instances"]]
+            leaving = [instance for instance in leaving if instance in self.members(name)]
         for instance in leaving:
             if instance not in self.members(name):
                 raise ApiError(400, "invalid", f"instance {instance} is not a member of {where}")

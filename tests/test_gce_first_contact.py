@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from sdm_peer.cli import main
 from sdm_peer.errors import BadInput, ProviderError
-from sdm_peer.providers import check_run
+from sdm_peer.providers.base import GroupSpec, check_run
 from sdm_peer.providers.gce import GceProvider, db_vm_body, gce_settings
-from sdm_peer.providers.gce_api import ComputeApi, GroupCannotRun, provider_error
+from sdm_peer.providers.gce.api import ComputeApi, GroupCannotRun, provider_error
 
 from .fake_gce import FakeCompute
 from .runs import plan_file, sdm, shape_rows
@@ -23,7 +23,7 @@ GROUPS = "/compute/v1/projects/my-proj/zones/us-central1-a/instanceGroupManagers
 
 
 def config(cores=2, memory_gb=8, group_size=1):
-    return {"config": f"c{cores}-m{memory_gb:g}", "cores": cores, "memory_gb": memory_gb, "group_size": group_size}
+    return GroupSpec(f"c{cores}-m{memory_gb:g}", cores, memory_gb, group_size)
 
 
 @pytest.fixture
@@ -243,7 +243,7 @@ def test_the_next_provisioner_sweeps_templates_of_finished_configs(fake, api):
 
 
 def test_the_database_vm_installs_git():
-    from sdm_peer import cloudinit
+    from sdm_peer.providers.gce import cloudinit
 
     rendered = cloudinit.render_db(gce_settings({**SETTINGS, "replica_url": "gs://b/r"}), "t", 7787)
     assert "packages: [python3-venv, git]" in rendered

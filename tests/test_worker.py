@@ -137,12 +137,12 @@ class SlowProvider:
     """A provider whose create_group outlasts the provisioning lease period (as creating a cloud
     group can): while it runs, another party tries to take the provisioning over."""
 
-    def __init__(self, run):
-        self.run, self.takeovers = run, []
+    def __init__(self, run, period):
+        self.run, self.period, self.takeovers = run, period, []
 
-    def create_group(self, provision):
-        lapses_at = time.time() + provision["lease_seconds_left"]  # unless renewed
-        wait_for(lambda: time.time() > lapses_at + provision["lease_seconds_left"] / 2, timeout=60,
+    def create_group(self, spec):
+        lapses_at = time.time() + self.period  # unless renewed
+        wait_for(lambda: time.time() > lapses_at + self.period / 2, timeout=60,
                  what="a full provisioning lease period and more to pass")
         intruder = Client.for_run_dir(self.run)
         try:
@@ -158,7 +158,7 @@ def test_a_provisioning_lease_is_kept_while_a_slow_create_group_runs(served, tmp
     period = 1.5  # seconds of the provisioning lease; create_group takes twice as long
     run = served(shape_rows(A, 1) + shape_rows((2, 2), 1), provider="local", command=job_command(tmp_path),
                  provision_lease_seconds=period)
-    provider = SlowProvider(run)
+    provider = SlowProvider(run, period)
     client = Client.for_run_dir(run)
     worker = Worker(client, None, worker_id="w1", cores=A[0], memory_gb=A[1], work_root=run.work,
                     provider_for=lambda settings: provider)

@@ -105,13 +105,14 @@ class ComputeApi:
         from google.api_core import exceptions
 
         what = f"waiting for managed instance group {name}"
+        running = self.compute.ManagedInstance.InstanceStatus.RUNNING.name  # the VM's status, not a config's
         deadline = time.monotonic() + timeout
         pause, longest = GROUP_POLL_SECONDS
         while True:
             try:
                 members = list(self._retrying(what, self.groups.list_managed_instances, project=self.project,
                                               zone=self.zone, instance_group_manager=name))
-                if any(member.instance_status == "RUNNING" for member in members):
+                if any(member.instance_status == running for member in members):
                     return
                 errors = [(error.code, error.message) for member in members
                           for error in member.last_attempt.errors.errors]
@@ -282,38 +283,6 @@ class DryRunApi:
 
     def delete_group(self, name):
         return self._show("DELETE", f"zones/{self.zone}/instanceGroupManagers/{name}")
-
-    def wait_for_group(self, name, timeout):
-        """Return once a VM of the managed group runs; GroupCannotRun as soon as the group
-        reports an error creating one; ProviderError if none runs within `timeout` seconds."""
-        from google.api_core import exceptions
-
-        what = f"waiting for managed instance group {name}"
-        deadline = time.monotonic() + timeout
-        pause, longest = GROUP_POLL_SECONDS
-        while True:
-            try:
-                members = list(self._retrying(what, self.groups.list_managed_instances, project=self.project,
-                                              zone=self.zone, instance_group_manager=name))
-                if any(member.instance_status == "RUNNING" for member in members):
-                    return
-                errors = [(error.code, error.message) for member in members
-                          for error in member.last_attempt.errors.errors]
-                if not errors:
-                    errors = [(item.error.code, item.error.message) for item in self._retrying(
-                        what, self.groups.list_errors, project=self.project, zone=self.zone,
-                        instance_group_manager=name)]
-            except exceptions.GoogleAPICallError as exc:
-                raise provider_error(exc, what) from None
-            if errors:
-                raise group_error(name, self.zone, *errors[-1])
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ProviderError(f"managed instance group {name}: no VM running after {timeout:.0f}s, "
-                                    "and no error reported", hint=f"see: gcloud compute instance-groups managed "
-                                                                 f"list-instances {name} --zone {self.zone}")
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, longest)
 
     def delete_instances(self, group, names):
         return self._show("POST", f"zones/{self.zone}/instanceGroupManagers/{group}/deleteInstances",
