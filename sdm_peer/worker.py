@@ -240,11 +240,11 @@ class Worker:
 
     def sweep_templates(self, provider):
         """What finished configs' groups left behind (a gce template), swept by the provisioner."""
-        sweep = getattr(provider, "sweep_templates", None)  # only cloud providers leave templates
-        status = sweep and self._call("status")
+        status = self._call("status")
         if status:
             try:
-                sweep([config["name"] for config in status["configs"] if config["state"] == st.CONFIG_DONE])
+                provider.sweep_templates([config["name"] for config in status["configs"]
+                                          if config["state"] == st.CONFIG_DONE])
             except ProviderError as exc:
                 log.warning("could not sweep the templates of finished configs: %s", exc)
 

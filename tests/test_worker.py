@@ -11,6 +11,7 @@ import pytest
 from sdm_peer import states as st
 from sdm_peer.client import Client
 from sdm_peer.errors import SdmPeerError
+from sdm_peer.providers.base import Provider
 from sdm_peer.worker import MAX_RESULT_BYTES, Worker, read_result
 
 from .runs import (attempts, experiments, init, job_command, shape_rows, start_server, start_worker, wait_for,
@@ -133,7 +134,7 @@ def test_command_that_cannot_start_is_an_error(served, tmp_path):
     assert os.path.isdir(run.work)
 
 
-class SlowProvider:
+class SlowProvider(Provider):
     """A provider whose create_group outlasts the provisioning lease period (as creating a cloud
     group can): while it runs, another party tries to take the provisioning over."""
 
