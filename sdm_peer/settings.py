@@ -15,6 +15,9 @@ from .providers import base as providers
 # Lease timing lives here and only here: workers renew at one third of the lease period.
 DEFAULT_LEASE_SECONDS = 60
 RENEW_FRACTION = 1 / 3
+# A group the cloud could not make VMs for (quota, capacity) is tried again after the first of
+# these, twice as long after each further failure, at most the second: never a hot loop.
+GROUP_RETRY_SECONDS = (60.0, 1800.0)
 
 
 def _positive_int(value):
