@@ -130,7 +130,8 @@ class FakeCompute(_Server):
     * A managed group's insert is DONE before any VM exists; its VMs appear over time
       (`vm_delay`), and quota (`quotas`, what regions.get serves), stockouts (`stockouts`: zones)
       and machine types a zone lacks (`missing_families`) show only in listManagedInstances and
-      listErrors, retried every `retry_delay` as a group retries.
+      listErrors, retried every `retry_delay` as a group retries. A single VM's insert (the
+      database VM) is accepted and its operation ends with the same error instead.
     * Some operations are still RUNNING when `wait` returns; lists come `page_size` at a time.
     * A VM that deletes its own managed group is gone before the answer reaches it.
     * Networks: `default` (auto mode); `add_network` makes a custom-mode one, whose VMs must name
@@ -147,7 +148,6 @@ class FakeCompute(_Server):
         self.operations = {}
         self.requests = []  # (method, path, body) of every request, in order
         self._faults = []  # [method, path regex, ApiError, times left]
-        self._operation_faults = []  # [method, path regex, code, message, times left]
         self._ids = itertools.count(1000)
         self._lock = threading.RLock()
         self._timers = []
@@ -159,10 +159,6 @@ class FakeCompute(_Server):
     def fail(self, method, pattern, status, reason, message="refused on purpose", times=1):
         """Answer the next `times` requests matching with this HTTP error."""
         self._faults.append([method, re.compile(pattern), ApiError(status, reason, message), times])
-
-    def fail_operation(self, method, pattern, code, message, times=1):
-        """Accept the next matching request, but finish its operation with this error."""
-        self._operation_faults.append([method, re.compile(pattern), code, message, times])
 
     def add_network(self, name, subnetworks):
         """A custom-mode network with `subnetworks`: {region: [names]}."""
@@ -243,10 +239,10 @@ class FakeCompute(_Server):
         except discovery.Invalid as exc:
             raise ApiError(400, exc.reason, str(exc)) from None
 
-    def _new_operation(self, method, path, project, kind, target, zone=None):
+    def _new_operation(self, project, kind, target, zone=None, error=None):
+        """An Operation, RUNNING until waited on; `error`: the (code, message) it ends with."""
         number = next(self._ids)
         name = f"operation-{number}-{secrets.token_hex(4)}"
-        fault = self._take(self._operation_faults, method, path)
         operation = {"kind": "compute#operation", "id": str(number), "name": name,
                      "operationType": kind, "status": "RUNNING", "progress": 0,
                      "targetLink": f"{API}/projects/{project}/{target}",
@@ -254,8 +250,8 @@ class FakeCompute(_Server):
                      "insertTime": "2024-01-01T00:00:00.000-00:00", "user": "someone@example.com"}
         if zone:
             operation["zone"] = f"{API}/projects/{project}/zones/{zone}"
-        if fault:
-            operation["error"] = {"errors": [{"code": fault[2], "message": fault[3]}]}
+        if error:
+            operation["error"] = {"errors": [{"code": error[0], "message": error[1]}]}
         # `wait` returns after at most two minutes, done or not: every other operation needs two.
         self.operations[name] = {**operation, "_waits": 1 + number % 2}
         return operation
@@ -273,13 +269,16 @@ class FakeCompute(_Server):
         return {key: value for key, value in operation.items() if not key.startswith("_")}
 
     def _collection(self, store, kind, method, project, body, path, name, zone=None, on_insert=None,
-                    on_delete=None, check_delete=None):
+                    on_delete=None, check_delete=None, refuse_insert=None):
+        """Insert, list, get and delete in one collection. `refuse_insert(body)`: the (code,
+        message) an accepted insert's operation ends with instead of creating it, or None."""
         where = f"projects/{project}/{'zones/' + zone if zone else 'global'}/{kind}"
         if method == "POST" and name is None:
             name = body["name"]
             if name in store:
                 raise ApiError(409, "alreadyExists", f"The resource '{where}/{name}' already exists")
-            operation = self._new_operation(method, path, project, "insert", f"{where.split('/', 2)[2]}/{name}", zone)
+            operation = self._new_operation(project, "insert", f"{where.split('/', 2)[2]}/{name}", zone,
+                                            error=refuse_insert and refuse_insert(body))
             if "error" not in operation:
                 store[name] = body
                 if on_insert:
@@ -294,7 +293,7 @@ class FakeCompute(_Server):
         if method == "DELETE":
             if check_delete:
                 check_delete(name)
-            operation = self._new_operation(method, path, project, "delete", f"{where.split('/', 2)[2]}/{name}", zone)
+            operation = self._new_operation(project, "delete", f"{where.split('/', 2)[2]}/{name}", zone)
             if "error" not in operation:
                 deleted = store.pop(name)
                 if on_delete:
@@ -399,7 +398,7 @@ class FakeCompute(_Server):
         for instance in leaving:
             if instance not in self.members(name):
                 raise ApiError(400, "invalid", f"instance {instance} is not a member of {where}")
-        operation = self._new_operation(method, path, project, "deleteInstances",
+        operation = self._new_operation(project, "deleteInstances",
                                         f"zones/{zone}/instanceGroupManagers/{name}", zone)
         if "error" not in operation:
             group["_members"] = [member for member in group["_members"] if member["name"] not in leaving]
@@ -422,8 +421,10 @@ class FakeCompute(_Server):
         if method == "POST" and name is None:
             self._checked("compute.instances.insert", "Instance", body)
             self._check_instance(body, single_instance=True, zone=zone)
+        # A single VM's quota, stockout or missing machine type ends its insert operation.
         return self._collection(self.instances, "instances", method, project, body, path, name, zone,
-                                on_insert=self._start_instance, on_delete=lambda name, _: self._stop_vm(name))
+                                on_insert=self._start_instance, on_delete=lambda name, _: self._stop_vm(name),
+                                refuse_insert=lambda body: self._why_not(project, zone, body))
 
     def _firewalls(self, method, project, body, path, name):
         if method == "POST" and name is None:

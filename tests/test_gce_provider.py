@@ -141,20 +141,33 @@ def test_a_refusal_that_does_not_pass_becomes_one_error_after_the_retry_limit(fa
         GceProvider(SETTINGS, "t", api=api).create_group(config(2, 8))
 
 
-def test_quota_refusal_names_the_quota(fake, provider):
-    fake.fail("POST", "instanceGroupManagers$", 403, "quotaExceeded",
-              "Quota 'CPUS' exceeded.  Limit: 24.0 in region us-central1.")
+def test_a_groups_insert_is_accepted_whatever_the_quota_and_its_vms_say_why_not(fake, provider):
+    fake.quotas["N2_CPUS"] = 2.0
+    with pytest.raises(ProviderError, match="sdm-study1-c4-m16 cannot make VMs: quota N2_CPUS exceeded"):
+        provider().create_group(config(4, 16))  # VMs of 4 vCPUs: none fits
+    assert "sdm-study1-c4-m16" in fake.groups and not fake.calls("POST", "instanceGroupManagers$")[1:]
+
+
+def test_a_single_vms_quota_ends_its_insert_operation_naming_the_quota(fake):
+    from sdm_peer.providers.gce import db_vm_body, gce_settings
+
+    fake.quotas["CPUS"] = 1.0  # the database VM's e2-small has 2
+    api = ComputeApi("my-proj", "us-central1-a", endpoint=fake.address, retry_seconds=5.0, retry_wait=(0.01, 0.05))
     with pytest.raises(ProviderError) as refused:
-        provider().create_group(config(2, 8))
-    assert "quota CPUS exceeded" in str(refused.value) and "group up" in refused.value.hint
-    assert len(fake.calls("POST", "instanceGroupManagers$")) == 1  # not retried
+        api.insert_instance(db_vm_body(gce_settings({**SETTINGS, "replica_url": "gs://b/r"}), "t"))
+    assert str(refused.value).startswith("creating VM sdm-study1-db: quota CPUS exceeded")
+    assert "Quotas" in refused.value.hint and fake.instances == {}
+    assert len(fake.calls("POST", "zones/us-central1-a/instances$")) == 1  # not retried
 
 
-def test_quota_error_in_the_operation_names_the_quota(fake, provider):
-    fake.fail_operation("POST", "instanceGroupManagers$", "QUOTA_EXCEEDED",
-                        "Quota 'N2_CPUS' exceeded.  Limit: 8.0 in region us-central1.")
-    with pytest.raises(ProviderError, match="creating managed instance group sdm-study1-c2-m8: quota N2_CPUS"):
-        provider().create_group(config(2, 8))
+def test_a_single_vms_stockout_is_capacity(fake):
+    from sdm_peer.providers.gce import db_vm_body, gce_settings
+
+    fake.stockouts.add("us-central1-a")
+    api = ComputeApi("my-proj", "us-central1-a", endpoint=fake.address, retry_seconds=5.0, retry_wait=(0.01, 0.05))
+    with pytest.raises(ProviderError, match="creating VM sdm-study1-db: the zone is out of capacity") as refused:
+        api.insert_instance(db_vm_body(gce_settings({**SETTINGS, "replica_url": "gs://b/r"}), "t"))
+    assert "quota" not in str(refused.value).lower()
 
 
 def test_permission_refusal_names_the_missing_role(fake, provider):
