@@ -161,11 +161,18 @@ def progress_text(status):
 
 
 def provisioning_text(provision):
-    """A group being created: which, by whom, and its provisioning lease."""
-    owner = f" by {provision['owner']}" if provision["owner"] else ""
-    left = provision["seconds_left"]
-    lease = "group made" if left is None else (f"lease {left:.0f}s left" if left > 0 else "lease lapsed")
-    return f"provisioning {provision['config']}{owner} ({lease})"
+    """A group being created: which, by whom, and its provisioning lease; after a try whose
+    group could not run, why, and when it is tried again."""
+    owner, left, error = provision["owner"], provision["seconds_left"], provision.get("error")
+    if left is None:
+        lease = "group made"
+    elif owner is None and error:  # given up after the failure until the retry
+        lease = f"retry in {duration(left)}" if left > 0 else "retry due"
+    else:
+        lease = f"lease {left:.0f}s left" if left > 0 else "lease lapsed"
+    by = f" by {owner}" if owner else ""
+    cause = f"; last try: {error}" if error and left is not None else ""
+    return f"provisioning {provision['config']}{by} ({lease}){cause}"
 
 
 def replication_text(replication):
@@ -217,6 +224,8 @@ def event_text(event):
     words = {"config_running": f"{config} running{by}", "config_done": f"{config} done{by}",
              "group_provisioned": f"group {config} provisioned{by}", "group_deleted": f"group {config} removed{by}",
              "provision_takeover": f"provisioning of {config} taken over{by}",
+             "group_failed": f"group {config} cannot run{by}: {detail.get('error')}; removed, retried in "
+                             f"{duration(detail.get('retry_seconds'))}",
              "config_reopened": f"{config} reopened by a new plan",
              "server_started": f"server started ({detail.get('leases_extended', 0)} leases extended)"}
     return words.get(kind, f"{kind} {config or ''}{by}".strip())

@@ -16,6 +16,7 @@ VERSION = 1
 MAX_LINE = 1 << 20  # bytes, newline included
 MAX_TEXT = 256  # ids, tokens, names
 MAX_ERROR_TEXT = 64 * 1024
+MAX_CAUSE_TEXT = 1000  # why a group cannot run: one line
 MAX_INT = (1 << 63) - 1  # SQLite's integers are 64-bit
 
 _NUMBER = (int, float)
@@ -108,6 +109,8 @@ OPS = {
     "release": Op({"lease_token": Spec(str, False), "worker_id": Spec(str, False),
                    "reason": Spec(str, False, max_len=1000)}, _release, one_of=("lease_token", "worker_id")),
     "provisioned": Op({"provision_token": Spec(str), "worker_id": Spec(str, False)}, _transition("provisioned")),
+    "group_failed": Op({"provision_token": Spec(str), "error": Spec(str, max_len=MAX_CAUSE_TEXT),
+                        "worker_id": Spec(str, False)}, _transition("group_failed")),
     "acquire_provisioning": Op({"owner": Spec(str)}, _transition("acquire_provisioning")),
     "group_deleted": Op({"config": Spec(str), "worker_id": Spec(str, False)}, _transition("group_deleted")),
     "status": Op({}, _status, lane=READ),

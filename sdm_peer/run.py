@@ -16,13 +16,14 @@ from pathlib import Path
 from . import replication
 from . import settings as settings_mod
 from .client import Client
-from .errors import BadInput, SdmPeerError, ServerUnavailable
+from .errors import BadInput, ProviderError, SdmPeerError, ServerUnavailable
 from .processes import alive, signal_ours, wait_gone
 from .providers.base import GroupSpec, RunOptions, check_run, flag, provider_class, provider_for, refuse_flags
 from .rundir import RunDir, read_token, resolve_token, token_path_for, write_token
 from .states import RUNNING
 from .store import Store
-from .worker import LeaseKeeper
+from .overview import duration
+from .worker import provision_group
 
 SERVER_START_TIMEOUT = 20.0
 SERVER_STOP_TIMEOUT = 15.0
@@ -269,14 +270,19 @@ def bootstrap(run, *, lease_seconds=None, owner="bootstrap", http_port=None):
 def provision_groups(client, provider, *, owner="bootstrap", echo=None):
     """Make sure the groups of running configs exist (creating is idempotent: after a reboot this
     restarts them), then take the first (or a lapsed) provisioning lease, create its group and
-    report it."""
+    report it. A group that cannot run is removed and reported as a worker does, then raised
+    (ProviderError naming the cause)."""
     for config in client.call("status")["configs"]:
         if config["state"] == RUNNING:
             provider.create_group(GroupSpec.from_config(config))
     provision = client.call("acquire_provisioning", owner=owner)["provision"]
     if provision is not None:
-        with LeaseKeeper.of_provision(client, provision):  # creating a cloud group can outlast the lease
-            provider.create_group(GroupSpec.from_provision(provision))
+        failed = provision_group(client, provider, provision, owner)
+        if failed is not None:
+            error, retry_seconds = failed
+            retry = f"the run tries it again in {duration(retry_seconds)}" if retry_seconds else "it was taken over"
+            raise ProviderError(f"{error}; the group was removed and {retry}",
+                                hint=error.hint or "run `sdm-peer bootstrap` again once the cause is fixed")
         client.call("provisioned", provision_token=provision["provision_token"], worker_id=owner)
         if echo:
             echo(f"provisioned the group of {provision['config']}")

@@ -135,13 +135,16 @@ CREATE TABLE IF NOT EXISTS departures (
     left_at REAL NOT NULL
 ) WITHOUT ROWID;
 
--- Append-only log of config-level happenings.
+-- Append-only log of config-level happenings. No table refers to it, so that a database made
+-- by an older version, whose kind list is shorter, gets it rebuilt (store.py) when it opens:
+-- SQLite cannot alter a CHECK constraint.
 CREATE TABLE IF NOT EXISTS events (
     id     INTEGER PRIMARY KEY,
     at     REAL NOT NULL,
     kind   TEXT NOT NULL CHECK (kind IN ('config_added', 'config_reopened', 'config_running',
                                          'config_done', 'handoff', 'provision_takeover',
-                                         'group_provisioned', 'group_deleted', 'server_started')),
+                                         'group_provisioned', 'group_failed', 'group_deleted',
+                                         'server_started')),
     config TEXT,
     worker TEXT,
     detail TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(detail))
@@ -151,6 +154,10 @@ CREATE TRIGGER IF NOT EXISTS events_append_only_update
     BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_append_only_delete
     BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+
+-- One config's events of a kind: "was its group removed", "why can its group not run".
+CREATE INDEX IF NOT EXISTS events_of_config
+    ON events (config, kind);
 
 -- "Did this config hand off already" (pre-warming hands off at the last claim, not at DONE).
 CREATE INDEX IF NOT EXISTS events_handoff_from

@@ -15,6 +15,9 @@ from .providers import base as providers
 # Lease timing lives here and only here: workers renew at one third of the lease period.
 DEFAULT_LEASE_SECONDS = 60
 RENEW_FRACTION = 1 / 3
+# A group the cloud could not make VMs for (quota, capacity) is tried again after the first of
+# these, twice as long after each further failure, at most the second: never a hot loop.
+GROUP_RETRY_SECONDS = (60.0, 1800.0)
 
 
 def _positive_int(value):
@@ -111,7 +114,9 @@ _zone = _pattern(r"[a-z]+-[a-z]+[0-9]+-[a-z]", "a zone such as us-central1-a")
 _network = _pattern(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?|(projects/[^/\s]+/)?global/networks/[a-z][-a-z0-9]*",
                     "a network name or projects/P/global/networks/N")
 _image = _pattern(r"(projects/[^/\s]+/)?global/images/(family/)?[a-z][-a-z0-9]*",
-                  "an image such as projects/debian-cloud/global/images/family/debian-12")
+                  "an image such as projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64")
+_subnetwork = _pattern(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?|(projects/[^/\s]+/)?regions/[a-z0-9-]+/subnetworks/[a-z][-a-z0-9]*",
+                       "a subnetwork name or projects/P/regions/R/subnetworks/S")
 _service_account = _pattern(r"default|[^@\s]+@[^@\s]+\.[^@\s]+", "`default` or a service account email")
 _replica_url = _pattern(r"(gs|s3|abs|sftp|file)://\S+", "a Litestream replica URL (gs://BUCKET/PATH or file:///PATH)")
 _code_url = _pattern(r"(https?|ssh|git)://\S+|git@[^:\s]+:\S+|gs://\S+|file:///\S+",
@@ -138,6 +143,9 @@ SCHEMA = {
     "project": _project,
     "zone": _zone,
     "network": _network,
+    "subnetwork": _subnetwork,
+    "external_ip": _boolean,  # false: the network needs Cloud NAT for the VMs to install anything
+    "group_wait_seconds": _positive_number,
     "image": _image,
     "disk_gb": _disk_gb,
     "spot": _boolean,

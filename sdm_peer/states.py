@@ -35,6 +35,11 @@ OUTCOMES = (DONE, ERROR, INTERRUPTED, EXPIRED, LOST)
 # Outcomes of attempts whose work is done again: their compute time is lost to re-runs.
 UNSUCCESSFUL = (ERROR, INTERRUPTED, EXPIRED, LOST)
 
+# Kinds of the events log (config-level happenings). group_failed: the cloud said why a group
+# cannot make its VMs; the config's provisioning is retried later, backed off.
+EVENT_KINDS = ("config_added", "config_reopened", "config_running", "config_done", "handoff", "provision_takeover",
+               "group_provisioned", "group_failed", "group_deleted", "server_started")
+
 # event -> (statuses it may leave, statuses it may lead to). A plan adds experiments as NOT STARTED.
 EXPERIMENT_TRANSITIONS = {
     # A worker of the config's shape takes the first claimable experiment under a new lease.

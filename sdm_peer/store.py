@@ -11,6 +11,7 @@ that records something (a late result kept in its attempt row) commits that reco
 """
 
 import contextlib
+import functools
 import json
 import re
 import secrets
@@ -52,6 +53,9 @@ def _is(column, values):
     return f"{column} = {_sql_list(values)[1:-1]}" if len(values) == 1 else f"{column} IN {_sql_list(values)}"
 
 
+# Of an event `e`: it came after its config's group was last made (or the config never had one).
+SINCE_MADE = ("e.id > COALESCE((SELECT MAX(m.id) FROM events m WHERE m.config = e.config"
+              " AND m.kind = 'group_provisioned'), 0)")
 UNFINISHED_SQL = _sql_list(st.UNFINISHED)
 UNSUCCESSFUL_SQL = _sql_list(st.UNSUCCESSFUL)
 IS_STARTED = _is("status", (st.STARTED,))
@@ -62,10 +66,8 @@ HOST_FIELDS = {"cpu_model": "TEXT", "cpus": "TEXT", "confinement": "TEXT", "stea
 HOST_COLUMNS = tuple(f"host_{name}" for name in HOST_FIELDS)
 _SET_HOST = "".join(f", {column} = :{column}" for column in HOST_COLUMNS)
 
-# Schema version -> what brings a file of an earlier version to it, before schema.sql is
-# re-applied (whose CREATE ... IF NOT EXISTS adds tables and indexes, never columns).
-UPGRADE_TO_HOSTS = 5
-UPGRADES = {UPGRADE_TO_HOSTS: [f"ALTER TABLE attempts ADD COLUMN host_{name} {kind}" for name, kind in HOST_FIELDS.items()]}
+# The schema version whose attempts have the host_* columns (an older file read as it is has none).
+HOST_COLUMNS_SINCE = 5
 
 # Every statement that reads or writes rows, by name (procrastinate's named queries): a method
 # runs `SQL[name]`, and a test can EXPLAIN QUERY PLAN each hot one. Statements that move rows
@@ -132,6 +134,12 @@ QUERIES = {
     "provision_made": "UPDATE configs SET provisioned_at = ?, provision_expires_at = NULL WHERE id = ?",
     "provision_extend": "UPDATE configs SET provision_expires_at = MAX(provision_expires_at, :now) + :seconds"
                         " WHERE provision_expires_at IS NOT NULL",
+    "provision_held": "SELECT id, name FROM configs WHERE provision_token = ? AND provision_expires_at IS NOT NULL",
+    # A lease given up after its group could not run: a fresh token (the old holder's reports
+    # are refused), nobody holding it, and a lapse at the retry time.
+    "provision_give_up": "UPDATE configs SET provision_owner = NULL, provision_token = ?, provision_expires_at = ?"
+                         " WHERE id = ?",
+    "group_failures": f"SELECT COUNT(*) FROM events e WHERE e.config = ? AND e.kind = 'group_failed' AND {SINCE_MADE}",
     "configs_active": f"SELECT EXISTS (SELECT 1 FROM configs"
                       f" WHERE state IN {_sql_list((st.PROVISIONING, st.RUNNING))})",
     "config_state": "SELECT state FROM configs WHERE name = ?",
@@ -162,9 +170,11 @@ QUERIES = {
                      e.lease_expires_at - :now AS seconds_left, :now - a.claimed_at AS running_seconds
               FROM experiments e JOIN configs c ON c.id = e.config JOIN attempts a ON a.lease_token = e.lease_token
               WHERE e.{IS_STARTED} ORDER BY e.lease_expires_at LIMIT :limit""",
-    "provisioning": f"""SELECT name AS config, provision_owner AS owner, provision_expires_at - ? AS seconds_left
-                    FROM configs WHERE state = '{st.PROVISIONING}' OR provision_expires_at IS NOT NULL
-                    ORDER BY sequence""",
+    "provisioning": f"""SELECT c.name AS config, c.provision_owner AS owner, c.provision_expires_at - ? AS seconds_left,
+                        (SELECT json_extract(e.detail, '$.error') FROM events e WHERE e.config = c.name
+                         AND e.kind = 'group_failed' AND {SINCE_MADE} ORDER BY e.id DESC LIMIT 1) AS error
+                    FROM configs c WHERE c.state = '{st.PROVISIONING}' OR c.provision_expires_at IS NOT NULL
+                    ORDER BY c.sequence""",
     "recent_events": "SELECT at, kind, config, worker, NULL AS key, detail FROM events WHERE kind != 'config_added'"
                      " ORDER BY id DESC LIMIT ?",
     "recent_attempts": f"""SELECT a.ended_at AS at, lower(a.outcome) AS kind, c.name AS config, a.worker, e.key,
@@ -192,7 +202,17 @@ QUERIES = {
         FROM configs c JOIN alive ON alive.id = c.id LEFT JOIN busy ON busy.id = c.id
         ORDER BY c.sequence""",
     "integrity_check": "PRAGMA integrity_check",
+    # ------------------------------------------------------------ opening an older database
+    "table_definition": "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+    "table_columns": "SELECT name FROM pragma_table_info(?)",
+    "objects_on_table": "SELECT type, name FROM sqlite_master WHERE tbl_name = ? AND type IN ('index', 'trigger')"
+                        " AND sql IS NOT NULL",
 }
+
+# Tables no other table refers to, rebuilt when an older database's definition differs from
+# schema.sql's (a CHECK list that grew, which SQLite cannot alter; new columns), their rows kept:
+# one way to bring any older file up to date.
+REBUILT_WHEN_CHANGED = ("events", "attempts")
 
 # Taking a lease back, released or expired: INTERRUPTED or NOT STARTED, FAILED once the
 # interruption budget is spent.
@@ -324,20 +344,16 @@ class Store:
             raise SdmPeerError(f"{path}: not an sdm-peer database")
         self.version = version
         if not readonly and version != SCHEMA_VERSION:
-            with self._write():
-                for statement in self._upgrades(version):
-                    self.conn.execute(statement)
+            with self._write() as db:
+                set_aside = [_set_aside_if_changed(db, table) for table in REBUILT_WHEN_CHANGED]
                 for statement in _statements(schema_sql()):
-                    self.conn.execute(statement)
-                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    db.execute(statement)
+                for table, old in zip(REBUILT_WHEN_CHANGED, set_aside):
+                    if old is not None:
+                        _move_rows(db, old, table)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self.version = SCHEMA_VERSION
         self.settings = self.load_settings()
-
-    def _upgrades(self, version):
-        """The UPGRADES statements a file of `version` (0: a new file, schema.sql makes it) needs."""
-        if version == 0:
-            return []
-        return [statement for to, statements in sorted(UPGRADES.items()) if to > version for statement in statements]
 
     def close(self):
         self.conn.close()
@@ -774,6 +790,23 @@ class Store:
                 self._event(db, now, "group_provisioned", row["name"], worker_id)
         return {}
 
+    def group_failed(self, provision_token, error, *, now, worker_id=None):
+        """The holder of a provisioning lease could not make the group (`error`: why, in one
+        line) and removed it. The cause is recorded and the lease given up until a retry,
+        backed off by the config's failures since its group was last made: the first waits
+        GROUP_RETRY_SECONDS[0], each further one twice as long, at most GROUP_RETRY_SECONDS[1].
+        Returns the seconds until the retry."""
+        first, longest = settings_mod.GROUP_RETRY_SECONDS
+        with self._write() as db:
+            row = db.execute(SQL["provision_held"], (provision_token,)).fetchone()
+            if row is None:
+                raise LeaseLost("this provisioning lease is no longer held")
+            failures = db.execute(SQL["group_failures"], (row["name"],)).fetchone()[0]
+            retry = min(first * 2 ** min(failures, 32), longest)
+            db.execute(SQL["provision_give_up"], (secrets.token_urlsafe(18), now + retry, row["id"]))
+            self._event(db, now, "group_failed", row["name"], worker_id, {"error": error, "retry_seconds": retry})
+        return {"retry_seconds": retry}
+
     def group_deleted(self, config, *, now, worker_id=None):
         """Record that a config's group was removed (once per config)."""
         with self._write() as db:
@@ -835,7 +868,7 @@ class Store:
         """Every experiment with its config's name, params and result decoded, in run order, and
         the host_* fields of its latest ended attempt (None before one ended, or in a file from
         before they were recorded, opened read-only)."""
-        hosts = {} if self.version < UPGRADE_TO_HOSTS else {
+        hosts = {} if self.version < HOST_COLUMNS_SINCE else {
             row["key"]: dict(row) for row in self.conn.execute(SQL["experiment_hosts"])}
         nothing = dict.fromkeys(HOST_COLUMNS)
         rows = sqlite_utils.Database(self.conn).query(SQL["experiments"])
@@ -967,6 +1000,41 @@ def _last_line(text):
     """The last non-empty line of an error tail, kept short for a one-line feed."""
     lines = [line for line in (text or "").splitlines() if line.strip()]
     return lines[-1][:200] if lines else ""
+
+
+@functools.cache
+def schema_definition(table):
+    """The CREATE TABLE statement SQLite keeps for `table` of schema.sql."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        for statement in _statements(schema_sql()):
+            conn.execute(statement)
+        return conn.execute(SQL["table_definition"], (table,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _set_aside_if_changed(db, table):
+    """An older database's `table` whose definition is not schema.sql's: renamed out of the
+    way, its indexes and triggers dropped (schema.sql makes them anew on the new table), and
+    the name it now has returned; None when there is nothing to rebuild."""
+    stored = db.execute(SQL["table_definition"], (table,)).fetchone()
+    if stored is None or stored[0] == schema_definition(table):
+        return None
+    for kind, name in db.execute(SQL["objects_on_table"], (table,)).fetchall():
+        db.execute(f'DROP {kind.upper()} "{name}"')
+    old = f"{table}_before_v{SCHEMA_VERSION}"
+    db.execute(f'ALTER TABLE "{table}" RENAME TO "{old}"')
+    return old
+
+
+def _move_rows(db, old, table):
+    """Every row of the set-aside `old` into the new `table` (the columns both have), then
+    `old` dropped."""
+    new_columns = {row[0] for row in db.execute(SQL["table_columns"], (table,))}
+    columns = ", ".join(f'"{row[0]}"' for row in db.execute(SQL["table_columns"], (old,)) if row[0] in new_columns)
+    db.execute(f'INSERT INTO "{table}" ({columns}) SELECT {columns} FROM "{old}"')
+    db.execute(f'DROP TABLE "{old}"')
 
 
 def _statements(script):

@@ -20,7 +20,8 @@ STATE_STYLE = {st.WAITING: "dim", st.PROVISIONING: "yellow", st.RUNNING: "bold c
 BAR_WIDTH = 10
 LEASES_SHOWN = 8  # rows: the terminal view must fit a screen
 EVENTS_SHOWN = 6
-EVENT_STYLE = {"error": "red", "expired": "yellow", "interrupted": "yellow", "lost": "yellow", "handoff": "cyan"}
+EVENT_STYLE = {"error": "red", "expired": "yellow", "interrupted": "yellow", "lost": "yellow", "handoff": "cyan",
+               "group_failed": "red"}
 REPLICATION_STYLE = {"good": "green", "late": "yellow", "error": "red"}
 LEFT_ALIGNED = ("config", "state", "progress", "experiment", "worker")
 

@@ -23,8 +23,10 @@ from typing import NamedTuple
 
 from . import confine
 from . import settings as settings_mod
+from . import states as st
 from .errors import BadInput, LeaseLost, ProviderError, SdmPeerError, ServerUnavailable
 from .failpoints import failpoint
+from .protocol import MAX_CAUSE_TEXT
 from .providers.base import GroupSpec
 
 log = logging.getLogger("sdm_peer.worker")
@@ -237,24 +239,33 @@ class Worker:
 
     def provision(self, provision):
         """Create the next config's group, then say so. The provisioning lease is renewed while
-        the group is created (on the cloud that can outlast a lease period); if creating fails or
-        the worker dies, the lease lapses and the next one to ask takes it over."""
+        the group is created (on the cloud that can outlast a lease period); if the group cannot
+        run, the cause is reported and the server backs off its retry (provision_group); if the
+        worker dies, the lease lapses and the next one to ask takes it over."""
         provider = self._provider()
         if provider is None:
             log.warning("given the provisioning of %s but no provider is configured here", provision["config"])
             return
         log.info("provisioning the group of %s", provision["config"])
-        try:
-            with LeaseKeeper.of_provision(self.client, provision):
-                provider.create_group(GroupSpec.from_provision(provision))
-        except ProviderError as exc:
-            log.error("could not create the group of %s: %s", provision["config"], exc)
+        if provision_group(self.client, provider, provision, self.worker_id, call=self._call) is not None:
             return
         failpoint("after_create_group")
         try:
             self._call("provisioned", provision_token=provision["provision_token"], worker_id=self.worker_id)
         except LeaseLost:
             log.info("provisioning of %s was taken over meanwhile", provision["config"])
+            return
+        self.sweep_templates(provider)
+
+    def sweep_templates(self, provider):
+        """What finished configs' groups left behind (a gce template), swept by the provisioner."""
+        status = self._call("status")
+        if status:
+            try:
+                provider.sweep_templates([config["name"] for config in status["configs"]
+                                          if config["state"] == st.CONFIG_DONE])
+            except ProviderError as exc:
+                log.warning("could not sweep the templates of finished configs: %s", exc)
 
     def leave_group(self, config):
         """Shrinking: nothing is left to claim and enough of the config's workers stay idle, so
@@ -299,6 +310,40 @@ class Ended(NamedTuple):
     wall: float
     host: dict
     error: str | None
+
+
+def provision_group(client, provider, provision, owner, *, call=None):
+    """Create the group of a provisioning answer, its lease renewed meanwhile (creating a cloud
+    group can outlast a lease period). If the provider cannot (the cloud says why the group's
+    VMs cannot be made, or none runs in time), the group is removed, still under the lease, and
+    the cause reported (`group_failed`, through `call`: default client.call): the server gives
+    the lease up until a retry it backs off. None once the group is made; else the
+    ProviderError and the seconds until the retry (None: the lease was taken over meanwhile)."""
+    spec = GroupSpec.from_provision(provision)
+    with LeaseKeeper.of_provision(client, provision):
+        try:
+            provider.create_group(spec)
+            return None
+        except ProviderError as exc:
+            failure = exc
+            log.error("the group of %s cannot run: %s", spec.name, exc)
+            try:
+                provider.delete_group(spec)
+            except ProviderError as cleanup:
+                log.error("could not remove the group of %s: %s", spec.name, cleanup)
+    try:
+        answer = (call or client.call)("group_failed", provision_token=provision["provision_token"],
+                                       error=one_line(failure), worker_id=owner)
+    except LeaseLost:
+        log.info("provisioning of %s was taken over meanwhile", spec.name)
+        return failure, None
+    return failure, answer and answer["retry_seconds"]
+
+
+def one_line(error, limit=MAX_CAUSE_TEXT):
+    """An error's message as one line, cut to `limit` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 class LeaseKeeper(threading.Thread):

@@ -65,7 +65,7 @@ def cloud(tmp_path, monkeypatch):
     metadata = FakeMetadata().start()
     vms = LocalVms(tmp_path / "vms", metadata)
     compute = FakeCompute(vms).start()
-    vms.env["SDM_GCE_API_ENDPOINT"] = compute.address
+    vms.api = compute.address  # each VM's calls name it (a VM deleting itself dies mid-call)
     compute.env = {"SDM_GCE_API_ENDPOINT": compute.address, "NO_GCE_CHECK": "true"}
     monkeypatch.setenv("SDM_GCE_API_ENDPOINT", compute.address)
     yield compute

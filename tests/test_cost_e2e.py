@@ -57,9 +57,9 @@ def test_leave_group_deletes_the_workers_own_vm_and_lowers_the_target_size(monke
         config = GroupSpec("c2-m4", 2, 4, 3)
         provider.create_group(config)
         group = fake.groups["sdm-study1-c2-m4"]
-        leaving, *staying = group["_instances"]
+        leaving, *staying = fake.members("sdm-study1-c2-m4")
         provider.leave_group(config, leaving)
-        assert group["targetSize"] == 2 and group["_instances"] == staying
+        assert group["targetSize"] == 2 and fake.members("sdm-study1-c2-m4") == staying
         method, path, body = fake.calls("POST", "deleteInstances$")[0]
         assert path.endswith("/zones/us-central1-a/instanceGroupManagers/sdm-study1-c2-m4/deleteInstances")
         assert body == {"instances": [f"zones/us-central1-a/instances/{leaving}"], "skipInstancesOnValidationError": True}

@@ -44,8 +44,8 @@ def metadata_of(template):
 
 def test_create_group_makes_a_spot_template_then_a_group_of_group_size(fake, provider):
     provider().create_group(config(4, 16, group_size=5))
-    posts = [(path, body) for method, path, body in fake.requests if method == "POST" and "/operations/" not in path]
-    assert [path for path, _ in posts] == [TEMPLATES, GROUPS]
+    inserts = [path for method, path, _ in fake.requests if method == "POST" and path in (TEMPLATES, GROUPS)]
+    assert inserts == [TEMPLATES, GROUPS]
     template = fake.templates["sdm-study1-c4-m16"]
     properties = template["properties"]
     assert properties["machineType"] == "n2-custom-4-16384"
@@ -108,11 +108,11 @@ def test_delete_group_removes_the_group_then_the_template_waiting_for_each(fake,
     fake.requests.clear()
     gce.delete_group(GroupSpec("c2-m8"))
     assert fake.groups == {} and fake.templates == {}
-    steps = [(method, path.rsplit("/", 2)[-2] if "/operations/" in path else path) for method, path, _ in fake.requests]
-    assert steps[0] == ("DELETE", f"{GROUPS}/sdm-study1-c2-m8")
-    assert steps[1][0] == "POST" and "operations" in fake.requests[1][1]  # waited for the group's deletion
-    assert steps[2] == ("DELETE", f"{TEMPLATES}/sdm-study1-c2-m8")
-    assert "operations" in fake.requests[3][1]
+    steps = [(method, "wait" if path.endswith("/wait") else path) for method, path, _ in fake.requests]
+    group, template = steps.index(("DELETE", f"{GROUPS}/sdm-study1-c2-m8")), \
+        steps.index(("DELETE", f"{TEMPLATES}/sdm-study1-c2-m8"))
+    assert group == 0 and ("POST", "wait") in steps[group:template]  # waited for the group's deletion
+    assert steps[template + 1:] and set(steps[template + 1:]) == {("POST", "wait")}
 
 
 def test_delete_of_a_missing_group_is_success(fake, provider):
@@ -141,20 +141,33 @@ def test_a_refusal_that_does_not_pass_becomes_one_error_after_the_retry_limit(fa
         GceProvider(SETTINGS, "t", api=api).create_group(config(2, 8))
 
 
-def test_quota_refusal_names_the_quota(fake, provider):
-    fake.fail("POST", "instanceGroupManagers$", 403, "quotaExceeded",
-              "Quota 'CPUS' exceeded.  Limit: 24.0 in region us-central1.")
+def test_a_groups_insert_is_accepted_whatever_the_quota_and_its_vms_say_why_not(fake, provider):
+    fake.quotas["N2_CPUS"] = 2.0
+    with pytest.raises(ProviderError, match="sdm-study1-c4-m16 cannot make VMs: quota N2_CPUS exceeded"):
+        provider().create_group(config(4, 16))  # VMs of 4 vCPUs: none fits
+    assert "sdm-study1-c4-m16" in fake.groups and not fake.calls("POST", "instanceGroupManagers$")[1:]
+
+
+def test_a_single_vms_quota_ends_its_insert_operation_naming_the_quota(fake):
+    from sdm_peer.providers.gce import db_vm_body, gce_settings
+
+    fake.quotas["CPUS"] = 1.0  # the database VM's e2-small has 2
+    api = ComputeApi("my-proj", "us-central1-a", endpoint=fake.address, retry_seconds=5.0, retry_wait=(0.01, 0.05))
     with pytest.raises(ProviderError) as refused:
-        provider().create_group(config(2, 8))
-    assert "quota CPUS exceeded" in str(refused.value) and "group up" in refused.value.hint
-    assert len(fake.calls("POST", "instanceGroupManagers$")) == 1  # not retried
+        api.insert_instance(db_vm_body(gce_settings({**SETTINGS, "replica_url": "gs://b/r"}), "t"))
+    assert str(refused.value).startswith("creating VM sdm-study1-db: quota CPUS exceeded")
+    assert "Quotas" in refused.value.hint and fake.instances == {}
+    assert len(fake.calls("POST", "zones/us-central1-a/instances$")) == 1  # not retried
 
 
-def test_quota_error_in_the_operation_names_the_quota(fake, provider):
-    fake.fail_operation("POST", "instanceGroupManagers$", "QUOTA_EXCEEDED",
-                        "Quota 'N2_CPUS' exceeded.  Limit: 8.0 in region us-central1.")
-    with pytest.raises(ProviderError, match="creating managed instance group sdm-study1-c2-m8: quota N2_CPUS"):
-        provider().create_group(config(2, 8))
+def test_a_single_vms_stockout_is_capacity(fake):
+    from sdm_peer.providers.gce import db_vm_body, gce_settings
+
+    fake.stockouts.add("us-central1-a")
+    api = ComputeApi("my-proj", "us-central1-a", endpoint=fake.address, retry_seconds=5.0, retry_wait=(0.01, 0.05))
+    with pytest.raises(ProviderError, match="creating VM sdm-study1-db: the zone is out of capacity") as refused:
+        api.insert_instance(db_vm_body(gce_settings({**SETTINGS, "replica_url": "gs://b/r"}), "t"))
+    assert "quota" not in str(refused.value).lower()
 
 
 def test_permission_refusal_names_the_missing_role(fake, provider):
@@ -180,7 +193,8 @@ def test_dry_run_api_prints_each_call_with_the_token_hidden():
     lines = []
     GceProvider(SETTINGS, "secret-token", api=DryRunApi("my-proj", "us-central1-a", echo=lines.append)) \
         .create_group(config(2, 8))
-    assert [line.split(" ", 2)[:2] for line in lines] == [["POST", TEMPLATES], ["POST", GROUPS]]
+    assert [line.split(" ", 2)[:2] for line in lines if line.startswith("POST ")] == [["POST", TEMPLATES],
+                                                                                       ["POST", GROUPS]]
     template = json.loads(lines[0].split(" ", 2)[2])
     items = {item["key"]: item["value"] for item in template["properties"]["metadata"]["items"]}
     assert items["sdm-token"] == "<token>" and items["user-data"].startswith("<user-data: ")

@@ -21,6 +21,7 @@ VALID = {
     "fail": {"lease_token": "lt", "error": "Traceback ...", "exit_code": 3, "wall_seconds": 1},
     "release": {"lease_token": "lt", "reason": "SIGTERM"},
     "provisioned": {"provision_token": "pt", "worker_id": "host:1"},
+    "group_failed": {"provision_token": "pt", "error": "quota CPUS exceeded", "worker_id": "host:1"},
     "acquire_provisioning": {"owner": "bootstrap"},
     "group_deleted": {"config": "c2-m4", "worker_id": "host:1"},
     "status": {},

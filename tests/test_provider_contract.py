@@ -121,7 +121,7 @@ class TestGceProvider(ProviderContract):
             return id(fake.groups["sdm-contract-c1-m1"]) if "sdm-contract-c1-m1" in fake.groups else None
 
         def workers():
-            return list(fake.groups.get("sdm-contract-c1-m1", {}).get("_instances", []))
+            return fake.members("sdm-contract-c1-m1") if "sdm-contract-c1-m1" in fake.groups else []
         yield Backend(GceProvider(settings, "token", api=api), group, workers, settings)
         fake.stop()
 

@@ -37,6 +37,7 @@ def in_list(sql, column):
     ("experiments", "status", st.STATUSES),
     ("configs", "state", st.CONFIG_STATES),
     ("attempts", "outcome", st.OUTCOMES),
+    ("events", "kind", st.EVENT_KINDS),
 ])
 def test_check_lists_in_the_schema_equal_the_names_in_states(table, column, names):
     allowed = in_list(schema_object(table), column)

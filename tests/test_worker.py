@@ -11,6 +11,7 @@ import pytest
 from sdm_peer import states as st
 from sdm_peer.client import Client
 from sdm_peer.errors import SdmPeerError
+from sdm_peer.providers.base import Provider
 from sdm_peer.worker import MAX_RESULT_BYTES, Worker, read_result
 
 from .runs import (attempts, experiments, init, job_command, shape_rows, start_server, start_worker, wait_for,
@@ -133,16 +134,16 @@ def test_command_that_cannot_start_is_an_error(served, tmp_path):
     assert os.path.isdir(run.work)
 
 
-class SlowProvider:
+class SlowProvider(Provider):
     """A provider whose create_group outlasts the provisioning lease period (as creating a cloud
     group can): while it runs, another party tries to take the provisioning over."""
 
-    def __init__(self, run, lease_period):
-        self.run, self.lease_period, self.takeovers = run, lease_period, []
+    def __init__(self, run, period):
+        self.run, self.period, self.takeovers = run, period, []
 
     def create_group(self, spec):
-        lapses_at = time.time() + self.lease_period  # unless renewed
-        wait_for(lambda: time.time() > lapses_at + self.lease_period / 2, timeout=60,
+        lapses_at = time.time() + self.period  # unless renewed
+        wait_for(lambda: time.time() > lapses_at + self.period / 2, timeout=60,
                  what="a full provisioning lease period and more to pass")
         intruder = Client.for_run_dir(self.run)
         try:

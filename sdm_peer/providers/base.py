@@ -92,6 +92,13 @@ class Provider(Protocol):
         worker already gone is success."""
         ...
 
+    def sweep_templates(self, finished):
+        """What the groups of the `finished` configs (names) left behind once gone, removed by
+        the next provisioner: a worker that deletes its own group can die before it removes
+        the rest (a cloud group's instance template). The names of what was removed; by
+        default nothing is left behind."""
+        return []
+
     @classmethod
     def check_run(cls, settings, shapes):
         """Refuse, before anything is written, a run this provider cannot serve: `settings` are

@@ -15,28 +15,33 @@ from . import cloudinit
 from . import metadata as md
 from .machine_types import FAMILIES, UnservableShape, custom_machine_type
 
+IMAGE_FAMILIES_HINT = ("an Ubuntu LTS image, e.g. --set image=projects/ubuntu-os-cloud/global/images/family/"
+                       "ubuntu-2404-lts-amd64")
+# Public image projects whose images do not run cloud-init: their guest agent ignores `user-data`,
+# where every VM's set-up lives, so nothing would ever run.
+NO_CLOUD_INIT_PROJECTS = {"debian-cloud", "centos-cloud", "rocky-linux-cloud", "rhel-cloud", "rhel-sap-cloud",
+                          "suse-cloud", "suse-sap-cloud", "opensuse-cloud", "windows-cloud", "windows-sql-cloud",
+                          "almalinux-cloud", "oracle-linux-cloud", "fedora-coreos-cloud"}
+
 log = logging.getLogger("sdm_peer.gce")
 
 REQUIRED = ("project", "zone", "run_name")
 DEFAULTS = {
     "network": "default",
-    "image": "projects/debian-cloud/global/images/family/debian-12",
+    "image": "projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64",  # runs cloud-init
     "disk_gb": 20,
     "spot": True,
     "service_account": "default",
+    "external_ip": True,
+    "group_wait_seconds": 600,
 }
 SERVER_PORT = 7787
+DISK_TYPE = "pd-balanced"
 DB_MACHINE_TYPE = "e2-small"  # 2 shared vCPUs, 2 GB: the server is one SQLite writer
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]  # access is governed by IAM roles
 
 
 MACHINE_FAMILIES = tuple(FAMILIES)  # the `machine_family` setting's values
-
-
-def _package_spec():
-    from ... import __version__
-
-    return f"sdm-peer[gce]=={__version__}"
 
 
 def gce_settings(settings):
@@ -45,15 +50,31 @@ def gce_settings(settings):
     if missing:
         raise SettingsError(f"provider gce needs the settings {', '.join(missing)}",
                             hint="--set " + " --set ".join(f"{key}=..." for key in missing))
-    full = {**DEFAULTS, "sdm_peer_spec": _package_spec(), **settings}
-    full.setdefault("server", f"{db_vm_name(full)}.{full['zone']}.c.{full['project']}.internal:{SERVER_PORT}")
+    full = {**DEFAULTS, **settings}
+    full.setdefault("server", f"{internal_dns_name(full, db_vm_name(full))}:{SERVER_PORT}")
     return full
+
+
+def internal_dns_name(settings, vm):
+    """A VM's zonal internal DNS name; a domain-scoped project (example.com:proj) reads
+    VM.ZONE.c.proj.example.com.internal."""
+    domain, _, project = settings["project"].rpartition(":")
+    return f"{vm}.{settings['zone']}.c.{project}{'.' + domain if domain else ''}.internal"
+
+
+def image_project(image):
+    """The project an image comes from (None for one of the run's own project)."""
+    return image.split("/")[1] if image.startswith("projects/") else None
 
 
 def check_run(settings, shapes):
     """Refuse, before anything is written, a gce run that could not be provisioned: missing
-    settings, or a config shape no machine family serves (with the reason)."""
+    settings, an image that cannot run cloud-init, or a config shape no machine family serves
+    (with the reason)."""
     settings = gce_settings(settings)
+    if image_project(settings["image"]) in NO_CLOUD_INIT_PROJECTS:
+        raise BadInput(f"image {settings['image']} does not run cloud-init, which sets up every VM of the run "
+                       "(from its user-data)", hint=f"choose an image that runs cloud-init: {IMAGE_FAMILIES_HINT}")
     refused = []
     for cores, memory_gb in sorted(set(shapes)):
         try:
@@ -117,15 +138,25 @@ def _metadata(items):
     return {"items": [{"key": key, "value": str(value)} for key, value in items.items()]}
 
 
-def _boot_disk(settings):
+def _boot_disk(settings, *, single_instance):
+    # A single instance takes the disk type as a zonal URL; an instance template only as a name.
+    disk_type = f"zones/{settings['zone']}/diskTypes/{DISK_TYPE}" if single_instance else DISK_TYPE
     return {"boot": True, "autoDelete": True, "type": "PERSISTENT",
             "initializeParams": {"sourceImage": settings["image"], "diskSizeGb": settings["disk_gb"],
-                                 "diskType": "pd-balanced"}}
+                                 "diskType": disk_type}}
 
 
 def _network_interface(settings):
-    # An external address lets a VM reach the package index and the code's git host.
-    return {"network": _network(settings), "accessConfigs": [{"type": "ONE_TO_ONE_NAT", "name": "External NAT"}]}
+    interface = {"network": _network(settings)}
+    if settings.get("subnetwork"):  # a custom-mode network needs it
+        subnetwork = settings["subnetwork"]
+        region = settings["zone"].rpartition("-")[0]
+        interface["subnetwork"] = subnetwork if "/" in subnetwork else f"regions/{region}/subnetworks/{subnetwork}"
+    if settings["external_ip"]:
+        # An external address lets a VM reach the package index and the code's git host; without
+        # one (external_ip=false) the network needs Cloud NAT for that.
+        interface["accessConfigs"] = [{"type": "ONE_TO_ONE_NAT", "name": "External NAT"}]
+    return interface
 
 
 def _scheduling(settings):
@@ -148,7 +179,7 @@ def template_body(settings, spec, token):
             "labels": _labels(settings, name),
             "tags": {"items": [worker_tag(settings)]},
             "scheduling": _scheduling(settings),
-            "disks": [_boot_disk(settings)],
+            "disks": [_boot_disk(settings, single_instance=False)],
             "networkInterfaces": [_network_interface(settings)],
             "serviceAccounts": [{"email": settings["service_account"], "scopes": SCOPES}],
             "metadata": _metadata({
@@ -180,7 +211,7 @@ def db_vm_body(settings, token):
         "labels": _labels(settings),
         "tags": {"items": [db_vm_name(settings)]},
         "scheduling": _scheduling({"spot": False}),  # never preempted: it holds the study
-        "disks": [_boot_disk(settings)],
+        "disks": [_boot_disk(settings, single_instance=True)],
         "networkInterfaces": [_network_interface(settings)],
         "serviceAccounts": [{"email": settings["service_account"], "scopes": SCOPES}],
         "metadata": _metadata({"user-data": cloudinit.render_db(settings, token, server_port(settings))}),
@@ -238,7 +269,9 @@ class GceProvider(Provider):
 
     def create_group(self, spec):
         """The config's template, then its managed instance group of `group_size` VMs; both
-        kept if they exist (idempotent)."""
+        kept if they exist (idempotent). Returns once the group's first VM runs; raises
+        GroupCannotRun (one line: why) if the cloud reports it cannot make one, or
+        ProviderError if none runs within `group_wait_seconds`."""
         name = group_name(self.settings, spec.name)
         try:
             template = template_body(self.settings, spec, self.token)
@@ -246,7 +279,9 @@ class GceProvider(Provider):
             raise ProviderError(f"config {spec.name} cannot be served on Compute Engine: {exc}") from None
         self.api.insert_template(template)
         self.api.insert_group(group_body(self.settings, spec))
-        log.info("group %s of config %s: %s VMs", name, spec.name, spec.group_size)
+        log.info("group %s of config %s: %s VMs asked for", name, spec.name, spec.group_size)
+        self.api.wait_for_group(name, self.settings["group_wait_seconds"])
+        log.info("group %s of config %s: its first VM runs", name, spec.name)
         return name
 
     def delete_group(self, spec):
@@ -258,6 +293,21 @@ class GceProvider(Provider):
         self.api.delete_template(name)
         log.info("group %s of config %s deleted", name, spec.name)
         return existed
+
+    def sweep_templates(self, finished):
+        """Delete the templates of the `finished` configs (names) whose group is gone: a worker
+        that deletes its own group is itself deleted before it can delete the template. The
+        names of the templates deleted."""
+        prefix = run_prefix(self.settings)
+        groups, templates = self.api.group_names(prefix), self.api.template_names(prefix)
+        if groups is None:  # a dry run lists nothing
+            return []
+        swept = [name for name in (group_name(self.settings, config) for config in finished)
+                 if name in templates and name not in groups]
+        for name in swept:
+            self.api.delete_template(name)
+            log.info("template %s of a finished config swept", name)
+        return swept
 
     def leave_group(self, spec, worker_id):
         """Shrinking: delete this worker's VM (its instance name is its worker id) through its

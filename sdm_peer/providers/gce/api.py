@@ -5,7 +5,11 @@ Zone/GlobalOperationsClient built with the same endpoint and credentials: an Ext
 `.result()` polls through a client that ignores client_options, which would leave a test's fake
 endpoint for the real one. Create and delete are idempotent (409 on create and 404 on delete
 are success); 429, 5xx and rate-limit refusals are retried with backoff; quota and permission
-refusals become one ProviderError naming the quota or the role."""
+refusals become one ProviderError naming the quota or the role.
+
+A managed group's insert operation ends before its VMs exist; `wait_for_group` watches the group's
+listManagedInstances and listErrors until its first VM runs, or until the cloud says why none can
+(quota, stockout, a machine type the zone lacks): GroupCannotRun, one line naming the cause."""
 
 import json
 import logging
@@ -24,14 +28,24 @@ RETRY_SECONDS = 300.0  # how long a transient refusal is retried before it is an
 RETRY_MAX_WAIT = 30.0
 OPERATION_TIMEOUT = 900.0  # a managed group of large VMs can take minutes
 TRANSIENT_REASONS = {"rateLimitExceeded", "userRateLimitExceeded"}  # a 403 that is worth waiting out
-QUOTA_CODES = {"QUOTA_EXCEEDED", "quotaExceeded", "ZONE_RESOURCE_POOL_EXHAUSTED"}
+QUOTA_CODES = {"QUOTA_EXCEEDED", "quotaExceeded"}
+# A zone out of capacity: not a quota anyone can raise.
+STOCKOUT_CODES = {"ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS"}
+GROUP_POLL_SECONDS = (0.5, 10.0)  # first and longest pause between looks at a new group
 
 # The predefined role that carries a missing permission, by the permission's resource type.
+# Creating a firewall rule takes compute.firewalls.create and compute.networks.updatePolicy,
+# both in Compute Security Admin (not in Instance Admin).
 ROLE_FOR = {
     "compute.firewalls": "roles/compute.securityAdmin",
+    "compute.networks.updatePolicy": "roles/compute.securityAdmin",
     "iam.serviceAccounts": "roles/iam.serviceAccountUser",
 }
 DEFAULT_ROLE = "roles/compute.instanceAdmin.v1"
+
+
+class GroupCannotRun(ProviderError):
+    """The cloud reports why a managed group cannot make its VMs (one line naming the cause)."""
 
 
 class ComputeApi:
@@ -85,6 +99,39 @@ class ComputeApi:
         return self._delete("managed instance group", name, self.groups.delete_unary, zone=self.zone,
                             instance_group_manager=name)
 
+    def wait_for_group(self, name, timeout):
+        """Return once a VM of the managed group runs; GroupCannotRun as soon as the group
+        reports an error creating one; ProviderError if none runs within `timeout` seconds."""
+        from google.api_core import exceptions
+
+        what = f"waiting for managed instance group {name}"
+        running = self.compute.ManagedInstance.InstanceStatus.RUNNING.name  # the VM's status, not a config's
+        deadline = time.monotonic() + timeout
+        pause, longest = GROUP_POLL_SECONDS
+        while True:
+            try:
+                members = list(self._retrying(what, self.groups.list_managed_instances, project=self.project,
+                                              zone=self.zone, instance_group_manager=name))
+                if any(member.instance_status == running for member in members):
+                    return
+                errors = [(error.code, error.message) for member in members
+                          for error in member.last_attempt.errors.errors]
+                if not errors:
+                    errors = [(item.error.code, item.error.message) for item in self._retrying(
+                        what, self.groups.list_errors, project=self.project, zone=self.zone,
+                        instance_group_manager=name)]
+            except exceptions.GoogleAPICallError as exc:
+                raise provider_error(exc, what) from None
+            if errors:
+                raise group_error(name, self.zone, *errors[-1])
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ProviderError(f"managed instance group {name}: no VM running after {timeout:.0f}s, "
+                                    "and no error reported", hint=f"see: gcloud compute instance-groups managed "
+                                                                 f"list-instances {name} --zone {self.zone}")
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, longest)
+
     def delete_instances(self, group, names):
         """Remove VMs from a managed group; its target size drops by as many (a missing group, or a
         VM no longer in it, is fine)."""
@@ -128,7 +175,7 @@ class ComputeApi:
     def _names(self, what, method, request_type, prefix, **where):
         from google.api_core import exceptions
 
-        request = request_type(project=self.project, filter=f'name eq "{re.escape(prefix)}.*"', **where)
+        request = request_type(project=self.project, filter=name_filter(prefix), **where)
         try:
             return {item.name for item in self._retrying(what, method, request=request)}
         except exceptions.GoogleAPICallError as exc:
@@ -242,6 +289,9 @@ class DryRunApi:
                           {"instances": [f"zones/{self.zone}/instances/{name}" for name in names],
                            "skipInstancesOnValidationError": True})
 
+    def wait_for_group(self, name, timeout):
+        self.echo(f"would wait up to {timeout:.0f}s for a VM of {name} to run")
+
     def insert_instance(self, body):
         return self._show("POST", f"zones/{self.zone}/instances", body)
 
@@ -250,11 +300,11 @@ class DryRunApi:
 
     def group_names(self, prefix):
         """Not known without asking: None (every config's group is then deleted by name)."""
-        self._show("GET", f"zones/{self.zone}/instanceGroupManagers?filter=name eq \"{re.escape(prefix)}.*\"")
+        self._show("GET", f"zones/{self.zone}/instanceGroupManagers?filter={name_filter(prefix)}")
         return None
 
     def template_names(self, prefix):
-        self._show("GET", f"global/instanceTemplates?filter=name eq \"{re.escape(prefix)}.*\"")
+        self._show("GET", f"global/instanceTemplates?filter={name_filter(prefix)}")
         return None
 
     def insert_firewall(self, body):
@@ -262,6 +312,12 @@ class DryRunApi:
 
     def delete_firewall(self, name):
         return self._show("DELETE", f"global/firewalls/{name}")
+
+
+def name_filter(prefix):
+    """A list filter for names starting with `prefix`: an RE2 matched whole. Our names hold only
+    lowercase letters, digits and `-`, none of which needs escaping."""
+    return f'name eq "{prefix}.*"'
 
 
 def redacted(body):
@@ -306,13 +362,39 @@ def _quota_error(message, what):
                               "then `sdm-peer group up CONFIG`")
 
 
+def _stockout_error(message, what):
+    return ProviderError(f"{what}: the zone is out of capacity for these VMs ({message})",
+                         hint="try another zone (--set zone=...) or a smaller machine family, or try again later")
+
+
+def group_error(name, zone, code, message):
+    """GroupCannotRun naming why the group's VMs cannot be made: the quota metric, limit and
+    region; the zone out of capacity; the machine type missing in the zone; else the API's own."""
+    quota = re.search(r"Quota '([^']+)' exceeded\.\s+Limit: ([\d.]+) in region ([\w-]+)", message)
+    missing = re.search(r"[Mm]achine type with name '([^']+)' does not exist in zone '([^']+)'", message)
+    if code in QUOTA_CODES or quota:
+        cause = (f"quota {quota.group(1)} exceeded (limit {float(quota.group(2)):g} in region {quota.group(3)})"
+                 if quota else f"a quota exceeded ({message})")
+        hint = "raise it under IAM & Admin > Quotas (or use smaller groups), then `sdm-peer group up CONFIG`"
+    elif code in STOCKOUT_CODES:
+        cause = f"zone {zone} is out of capacity for its machine type ({code})"
+        hint = "try another zone (--set zone=...) or try again later"
+    elif missing:
+        cause = f"machine type {missing.group(1)} does not exist in zone {missing.group(2)}"
+        hint = "choose another machine_family or zone"
+    else:
+        cause = f"{code}: {message}"
+        hint = f"see: gcloud compute instance-groups managed list-errors {name} --zone {zone}"
+    return GroupCannotRun(f"managed instance group {name} cannot make VMs: {cause}", hint=hint)
+
+
 def _permission_error(message, what):
     permission = re.search(r"'?\b((?:compute|iam|storage)\.[A-Za-z]+\.[A-Za-z]+)\b", message)
     if permission is None:
         return ProviderError(f"{what}: permission denied ({message})",
                              hint=f"grant the account {DEFAULT_ROLE} on the project")
     name = permission.group(1)
-    role = ROLE_FOR.get(name.rsplit(".", 1)[0], DEFAULT_ROLE)
+    role = ROLE_FOR.get(name) or ROLE_FOR.get(name.rsplit(".", 1)[0], DEFAULT_ROLE)
     return ProviderError(f"{what}: permission {name} denied; the account needs the role {role}",
                          hint=f"gcloud projects add-iam-policy-binding PROJECT --member=ACCOUNT --role={role}")
 
@@ -323,6 +405,8 @@ def provider_error(exc, what):
 
     # The client puts "METHOD URL: " before Compute Engine's own message.
     message = re.sub(r"^[A-Z]+ \S+: ", "", getattr(exc, "message", None) or str(exc))
+    if _reasons(exc) & STOCKOUT_CODES:
+        return _stockout_error(message, what)
     if _reasons(exc) & QUOTA_CODES or "Quota '" in message:
         return _quota_error(message, what)
     if isinstance(exc, exceptions.Forbidden):
@@ -338,6 +422,8 @@ def provider_error(exc, what):
 def operation_error(errors, what):
     """A ProviderError for an operation that finished with errors."""
     for error in errors:
+        if error["code"] in STOCKOUT_CODES:
+            return _stockout_error(error["message"], what)
         if error["code"] in QUOTA_CODES:
             return _quota_error(error["message"], what)
         if error["code"] in ("PERMISSION_DENIED", "FORBIDDEN"):

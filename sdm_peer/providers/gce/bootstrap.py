@@ -2,7 +2,8 @@
 
 1. build the database locally with `init` (RUNDIR/sdm.db, the token beside it);
 2. push it to the replica with Litestream, unless the replica already holds the run (then the
-   replica is the truth: the database VM restores it);
+   replica is the truth: the database VM restores it); put a wheel of this sdm-peer beside it,
+   which every VM installs (package.py), unless `sdm_peer_spec` names what they install;
 3. create the firewall rule (workers' tag -> the server's port, nothing else);
 4. create the database VM (a small machine type, the database cloud-config);
 5. wait until the server answers, or, from outside the VM's network where its address cannot
@@ -14,6 +15,7 @@
 Every step is idempotent, so running it again resumes. `--dry-run` prints every Compute Engine
 call instead and changes nothing. `--http-port` is refused: the database VM serves no dashboard."""
 
+import tempfile
 import time
 
 from ... import replication
@@ -26,6 +28,7 @@ from ...states import PROVISIONING, RUNNING, WAITING
 from ...store import Store, config_name
 from .. import gce
 from ..base import GroupSpec
+from . import package
 
 BOOT_TIMEOUT = 900.0  # seconds for a new database VM to install sdm-peer and serve
 POLL_SECONDS = 2.0
@@ -67,6 +70,8 @@ def dry_run(plan_file, settings, *, echo=print):
     api = DryRunApi(full["project"], full["zone"], echo=echo)
     echo(f"would write the database: {len(plan.experiments):,} experiments in {len(plan.configs):,} configs")
     echo(f"would push it to {full['replica_url']} (unless that replica already holds the run)")
+    if not full.get("sdm_peer_spec"):
+        echo(f"would put a wheel of this sdm-peer {package.version()} at {package.wheel_url(full)}")
     api.insert_firewall(gce.firewall_body(full))
     api.insert_instance(gce.db_vm_body(full, "<token>"))
     echo(f"would wait until the server at {full['server']} answers")
@@ -91,6 +96,11 @@ def bootstrap(run, *, echo=print, api=None):
     else:
         replication.push(run.db, replica)
         echo(f"pushed {run.db} to {replica}")
+    if settings.get("sdm_peer_spec"):
+        echo(f"the VMs install {settings['sdm_peer_spec']} (sdm_peer_spec)")
+    else:
+        with tempfile.TemporaryDirectory() as directory:
+            echo(f"put sdm-peer {package.version()} for the VMs at {package.publish(settings, directory)}")
     before_boot = _newest_txid(replica)  # a new server's first write goes past it
     api.insert_firewall(gce.firewall_body(settings))
     created = api.insert_instance(gce.db_vm_body(settings, token))

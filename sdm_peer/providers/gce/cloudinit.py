@@ -8,10 +8,13 @@ import json
 import re
 from importlib import resources
 
+from . import package
+
 # Where things live on a VM; the tests that run rendered command lines here map these paths.
 VM_SDM_PEER = "/opt/sdm-peer/venv/bin/sdm-peer"
 VM_STATE_DIR = "/var/lib/sdm-peer"
 VM_ETC_DIR = "/etc/sdm-peer"
+VM_WHEEL_DIR = "/opt/sdm-peer/wheels"
 WORKER_UNIT = "sdm-peer-worker.service"
 SERVE_UNIT = "sdm-peer-serve.service"
 
@@ -43,12 +46,27 @@ def _systemd_word(value):
     return value.replace("%", "%%").replace("$", "$$")
 
 
+def installing(settings):
+    """What a VM fetches and pip-installs: the run's wheel, fetched from beside its replica and
+    installed with its [gce] extra; or, with the `sdm_peer_spec` setting, that (nothing fetched);
+    a run without a replica (made by `init`, not `bootstrap`) has no bucket for a wheel: its VMs
+    install this version from the package index."""
+    spec = settings.get("sdm_peer_spec")
+    if not settings.get("replica_url"):
+        spec = spec or f"sdm-peer[gce]=={package.version()}"
+    wheel_file = f"{VM_WHEEL_DIR}/{package.wheel_name()}"
+    return {"fetch_wheel": _yaml_string(template("fetch_wheel.py")),
+            "wheel_url": _yaml_string("" if spec else package.wheel_url(settings)),
+            "wheel_file": _yaml_string(wheel_file),
+            "sdm_peer_spec": _yaml_string(spec or f"{wheel_file}[gce]")}
+
+
 def render_worker(settings):
     """The worker VM's cloud-config for a run (settings with the gce defaults applied)."""
     return _render("worker.yaml", {
         "run_name": settings["run_name"],
-        "sdm_peer_spec": _yaml_string(settings["sdm_peer_spec"]),
         "code_url": _yaml_string(settings.get("code_url") or ""),
+        **installing(settings),
     })
 
 
@@ -59,7 +77,7 @@ def render_db(settings, token, port):
         "token": _yaml_string(token),
         "port": int(port),
         "replica_url": _systemd_word(settings["replica_url"]),
-        "sdm_peer_spec": _yaml_string(settings["sdm_peer_spec"]),
+        **installing(settings),
     })
 
 
