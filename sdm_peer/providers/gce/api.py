@@ -194,29 +194,28 @@ class ComputeApi:
         """Create; True if created, False if it existed already."""
         from google.api_core import exceptions
 
-        what = f"creating {kind} {name}"
-        try:
-            operation = self._retrying(what, method, project=self.project, **request)
-        except exceptions.Conflict:
-            log.info("%s %s exists already", kind, name)
-            return False
-        except exceptions.GoogleAPICallError as exc:
-            raise provider_error(exc, what) from None
-        return self._wait(operation, what, tolerated="RESOURCE_ALREADY_EXISTS")
+        return self._change(f"creating {kind} {name}", method, exceptions.Conflict, "RESOURCE_ALREADY_EXISTS",
+                            **request)
 
     def _delete(self, kind, name, method, **request):
         """Delete; True if deleted, False if there was nothing to delete."""
         from google.api_core import exceptions
 
-        what = f"deleting {kind} {name}"
+        return self._change(f"deleting {kind} {name}", method, exceptions.NotFound, "RESOURCE_NOT_FOUND", **request)
+
+    def _change(self, what, method, done_already, tolerated, **request):
+        """One create or delete and its operation: True if it did its work, False if it was done
+        already (the call refused with `done_already`, or the operation failed with `tolerated`)."""
+        from google.api_core import exceptions
+
         try:
             operation = self._retrying(what, method, project=self.project, **request)
-        except exceptions.NotFound:
-            log.info("%s %s does not exist", kind, name)
+        except done_already:
+            log.info("%s: done already", what)
             return False
         except exceptions.GoogleAPICallError as exc:
             raise provider_error(exc, what) from None
-        return self._wait(operation, what, tolerated="RESOURCE_NOT_FOUND")
+        return self._wait(operation, what, tolerated=tolerated)
 
     def _wait(self, operation, what, *, tolerated):
         """Wait for an operation through our own operations clients (same endpoint); True if it
