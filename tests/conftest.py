@@ -7,6 +7,8 @@ import pytest
 from sdm_peer.plan import read_plan
 from sdm_peer.store import Store
 
+from .runs import ServerProcess
+
 T0 = 1_700_000_000.0
 LEASE = 60.0
 
@@ -94,3 +96,22 @@ def run(tmp_path):
     leftovers = processes_of(tmp_path)
     kill_all(tmp_path)
     assert not leftovers, f"processes left behind: {leftovers}"
+
+
+@pytest.fixture
+def spawn_server(tmp_path):
+    """spawn_server(db, *options, port=0, lease_seconds=2, run_dir=None) -> ServerProcess
+    (lease_seconds=None: no --lease-seconds, the run's setting)."""
+    started = []
+
+    def start(db=None, *options, port=0, lease_seconds=2, run_dir=None):
+        target = ["--dir", str(run_dir)] if run_dir is not None else ["--db", str(db)]
+        lease = [] if lease_seconds is None else ["--lease-seconds", str(lease_seconds)]
+        argv = [sys.executable, "-m", "sdm_peer", "serve", *target, "--port", str(port), *lease, *options]
+        server = ServerProcess(argv, tmp_path / f"server{len(started)}.log")
+        started.append(server)
+        return server
+
+    yield start
+    codes = [server.stop() for server in started]
+    assert codes == [0] * len(started), f"server exit codes {codes}"

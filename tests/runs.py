@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import selectors
 import signal
 import socket
 import subprocess
@@ -9,8 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from sdm_peer.run import init_run
-from sdm_peer.rundir import RunDir
+from sdm_peer.rundir import read_token, token_path_for
+from sdm_peer.settings import validate
 from sdm_peer.store import Store
 
 # The experiment command of the tests: its params say what it does.
@@ -90,16 +95,73 @@ def init(run, rows, **settings):
     init_run(run.db, plan_file(run.path.parent, rows, run.path.name + "-plan.json"), settings)
 
 
+START_TIMEOUT = 20.0  # seconds for a server process to print its listening line
+STOP_TIMEOUT = 10.0  # seconds for a server process to exit after SIGTERM
+
+def make_run(directory, rows, **settings):
+    """A run database (DIR/sdm.db) created the way `sdm-peer init` does; returns (db, token)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    db = directory / "sdm.db"
+    init_run(db, plan_file(directory, rows), validate(settings))
+    return db, read_token(token_path_for(db))
+
+
+class ServerProcess:
+    """One `python -m sdm_peer serve` child; stdout is read up to its listening line, stderr goes to a file."""
+
+    def __init__(self, argv, log_path):
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log)
+        self.pid = self.proc.pid
+        self.listening_line = self._read_line()
+        match = re.fullmatch(r"listening on (\S+):(\d+)", self.listening_line)
+        assert match, f"unexpected first line {self.listening_line!r}"
+        self.address = (match.group(1), int(match.group(2)))
+
+    def _read_line(self):
+        deadline = time.monotonic() + START_TIMEOUT
+        buffer = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            while b"\n" not in buffer:
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    self.stop(check=False)
+                    pytest.fail(f"the server printed no listening line in {START_TIMEOUT}s:\n{self.log()}")
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    self.stop(check=False)
+                    pytest.fail(f"the server exited before listening:\n{self.log()}")
+                buffer += chunk
+        return buffer.split(b"\n", 1)[0].decode()
+
+    def stop(self, check=True):
+        """SIGTERM and wait; returns the exit code. Safe to call twice."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT)
+            if check:
+                raise AssertionError(f"the server did not exit within {STOP_TIMEOUT}s of SIGTERM") from None
+            code = self.proc.returncode
+        self.proc.stdout.close()
+        self._log.close()
+        return code
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+
 def start_server(run, *, port=0, lease_seconds=None):
-    """`sdm-peer serve --dir RUN` as a process; returns it once it listens."""
-    command = [sys.executable, "-m", "sdm_peer", "serve", "--dir", str(run.path), "--port", str(port)]
-    if lease_seconds is not None:
-        command += ["--lease-seconds", str(lease_seconds)]
-    log = open(run.path / "server.log", "ab")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-    line = process.stdout.readline()
-    assert line.startswith("listening on "), line
-    return process
+    """`sdm-peer serve --dir RUN` as a process (its Popen), once it listens."""
+    lease = [] if lease_seconds is None else ["--lease-seconds", str(lease_seconds)]
+    argv = [sys.executable, "-m", "sdm_peer", "serve", "--dir", str(run.path), "--port", str(port), *lease]
+    return ServerProcess(argv, run.path / "server.log").proc
 
 
 def start_worker(run, shape, command=None, *, env=None, worker_id=None):

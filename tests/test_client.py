@@ -18,8 +18,7 @@ from sdm_peer.errors import (BadInput, LeaseLost, NoSuchConfig, SdmPeerError, Se
 from sdm_peer.rundir import RunDir
 
 from .conftest import grid
-from .runs import free_port
-from .test_server import make_run, start_server  # noqa: F401  (start_server is a fixture)
+from .runs import free_port, make_run
 
 SHAPE = {"cores": 2, "memory_gb": 4}
 
@@ -121,9 +120,9 @@ def run(tmp_path):
 # ---------------------------------------------------------------- answers
 
 
-def test_call_returns_the_result_of_each_op(run, start_server):
+def test_call_returns_the_result_of_each_op(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     client = Client(server.address, token, retry_seconds=5)
     try:
         assert client.call("hello", worker_id="w1", **SHAPE)["lease_seconds"] == 2
@@ -152,9 +151,9 @@ def test_calls_reuse_one_connection_and_number_their_requests(fake_server):
                for request in fake.requests)
 
 
-def test_server_refusals_raise_their_error_class(run, start_server):
+def test_server_refusals_raise_their_error_class(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     client = Client(server.address, token, retry_seconds=5)
     intruder = Client(server.address, "not-the-token", retry_seconds=5)
     try:
@@ -282,22 +281,22 @@ def test_answer_to_another_request_is_not_taken_for_this_one(fake_server):
 # ---------------------------------------------------------------- reconnection
 
 
-def test_client_reconnects_to_a_restarted_server(run, start_server):
+def test_client_reconnects_to_a_restarted_server(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     client = Client(server.address, token, retry_seconds=10)
     try:
         experiment = client.call("claim", worker_id="w1", **SHAPE)["experiment"]
         assert server.stop() == 0
-        start_server(db, port=server.address[1])
+        spawn_server(db, port=server.address[1])
         assert client.call("renew", lease_token=experiment["lease_token"]) == {"lease_seconds_left": 2}
     finally:
         client.close()
 
 
-def test_call_waits_for_a_server_that_comes_back_during_it(run, start_server, caplog):
+def test_call_waits_for_a_server_that_comes_back_during_it(run, spawn_server, caplog):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     port = server.address[1]
     client = Client(server.address, token, retry_seconds=20)
     retrying = threading.Event()  # the client logs each retry: the server comes back during one
@@ -308,7 +307,7 @@ def test_call_waits_for_a_server_that_comes_back_during_it(run, start_server, ca
     try:
         client.call("status")
         assert server.stop() == 0
-        restart = threading.Thread(target=lambda: retrying.wait(20) and start_server(db, port=port))
+        restart = threading.Thread(target=lambda: retrying.wait(20) and spawn_server(db, port=port))
         restart.start()
         try:
             assert client.call("status")["totals"]["total"] == 2
@@ -358,16 +357,16 @@ def test_callable_address_that_fails_is_retried_like_an_unreachable_server(fake_
     assert len(attempts) == 3
 
 
-def test_run_dir_client_follows_the_server_to_its_new_port(tmp_path, start_server, monkeypatch):
+def test_run_dir_client_follows_the_server_to_its_new_port(tmp_path, spawn_server, monkeypatch):
     monkeypatch.delenv("SDM_TOKEN", raising=False)
     make_run(tmp_path / "rundir", grid([(2, 4)], 2))
     run_dir = RunDir(tmp_path / "rundir")
-    server = start_server(run_dir=run_dir.path)
+    server = spawn_server(run_dir=run_dir.path)
     client = Client.for_run_dir(run_dir, retry_seconds=10)
     try:
         experiment = client.call("claim", worker_id="w1", **SHAPE)["experiment"]
         assert server.stop() == 0
-        moved = start_server(run_dir=run_dir.path)  # port 0: most likely another port
+        moved = spawn_server(run_dir=run_dir.path)  # port 0: most likely another port
         assert client.call("renew", lease_token=experiment["lease_token"]) == {"lease_seconds_left": 2}
         assert (client.host, client.port) == moved.address
     finally:

@@ -11,7 +11,7 @@ from sdm_peer.errors import LeaseLost, SdmPeerError
 from sdm_peer.server import Server
 
 from .conftest import grid
-from .test_server import make_run
+from .runs import make_run
 
 SHAPE = {"cores": 2, "memory_gb": 4}
 

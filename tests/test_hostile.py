@@ -16,7 +16,8 @@ from sdm_peer.client import Client
 from sdm_peer.errors import BadInput, LeaseLost, Unauthorized
 
 from .conftest import grid
-from .test_server import Conn, make_run, start_server  # noqa: F401 (start_server is a fixture)
+from .test_server import Conn
+from .runs import make_run
 
 SHAPE = {"cores": 2, "memory_gb": 4}
 
@@ -41,11 +42,11 @@ def fingerprint(db):
 
 
 @pytest.fixture
-def served(tmp_path, start_server):  # noqa: F811
+def served(tmp_path, spawn_server):  # noqa: F811
     """A server with one claimed experiment (a live lease), and a well-behaved probe client that
     must be answered within 1 s, without retries."""
     db, token = make_run(tmp_path / "run", grid([(2, 4)], 3))
-    server = start_server(db, lease_seconds=30)
+    server = spawn_server(db, lease_seconds=30)
     good = Client(server.address, token, timeout=1.0, retry_seconds=0)
     lease = good.call("claim", worker_id="good", **SHAPE)["experiment"]["lease_token"]
 
@@ -192,11 +193,11 @@ def test_failed_authentication_is_throttled_per_address_but_the_right_token_stil
     assert log.count("throttling this address") == 1
 
 
-def test_injection_strings_are_stored_verbatim(tmp_path, start_server):  # noqa: F811
+def test_injection_strings_are_stored_verbatim(tmp_path, spawn_server):  # noqa: F811
     evil = "x'); DROP TABLE experiments; --"
     rows = [{"cores": 2, "memory_gb": 4, "key": evil, "note": evil, '"; DELETE FROM configs; --': 1}]
     db, token = make_run(tmp_path / "run", rows)
-    server = start_server(db)
+    server = spawn_server(db)
     client = Client(server.address, token, timeout=5.0, retry_seconds=0)
     claimed = client.call("claim", worker_id=evil, **SHAPE)["experiment"]
     assert claimed["key"] == evil and claimed["params"] == {"note": evil, '"; DELETE FROM configs; --': 1}

@@ -15,8 +15,7 @@ from sdm_peer.client import Client
 from sdm_peer.errors import BadInput, ServerUnavailable
 
 from .conftest import grid
-from .runs import sdm
-from .test_server import make_run, start_server  # noqa: F401 (start_server is a fixture)
+from .runs import make_run, sdm
 
 SHAPE = {"cores": 2, "memory_gb": 4}
 
@@ -49,10 +48,10 @@ def make_certificates(directory):
     return paths
 
 
-def test_tls_server_serves_clients_that_trust_its_ca_only(tmp_path, start_server):  # noqa: F811
+def test_tls_server_serves_clients_that_trust_its_ca_only(tmp_path, spawn_server):  # noqa: F811
     ca, cert, key = make_certificates(tmp_path)
     db, token = make_run(tmp_path / "run", grid([(2, 4)], 2))
-    server = start_server(db, "--tls-cert", cert, "--tls-key", key)
+    server = spawn_server(db, "--tls-cert", cert, "--tls-key", key)
     trusting = Client(server.address, token, tls_ca=str(ca), retry_seconds=0)
     assert trusting.call("claim", worker_id="w", **SHAPE)["experiment"] is not None
     trusting.close()
@@ -84,9 +83,9 @@ def test_a_token_file_readable_by_others_is_refused(tmp_path):
     assert refused.returncode == 2 and "readable by others" in refused.stderr and "chmod 600" in refused.stderr
 
 
-def test_the_token_is_never_logged_or_echoed(tmp_path, start_server):  # noqa: F811
+def test_the_token_is_never_logged_or_echoed(tmp_path, spawn_server):  # noqa: F811
     db, token = make_run(tmp_path / "run", grid([(2, 4)], 1))
-    server = start_server(db)
+    server = spawn_server(db)
     client = Client(server.address, token, retry_seconds=0)
     client.call("hello", worker_id="w", **SHAPE)
     client.call("claim", worker_id="w", **SHAPE)

@@ -1,113 +1,25 @@
 """`sdm-peer serve` as a real process on 127.0.0.1, spoken to over raw sockets (DESIGN §4, §5).
 
-Every server a test starts is stopped by the `start_server` fixture with SIGTERM, which also
+Every server a test starts is stopped by the `spawn_server` fixture with SIGTERM, which also
 checks that it exits 0 within STOP_TIMEOUT seconds."""
 
 import itertools
 import json
-import os
-import re
-import selectors
-import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from sdm_peer.run import init_run
 from sdm_peer.protocol import MAX_LINE
-from sdm_peer.rundir import read_token, token_path_for
-from sdm_peer.settings import validate
 
-from .conftest import grid, write_plan
-from .runs import wait_for
+from .conftest import grid
+from .runs import ServerProcess, make_run, wait_for
 
-START_TIMEOUT = 20.0  # seconds for a server process to print its listening line
-STOP_TIMEOUT = 10.0  # seconds for a server process to exit after SIGTERM
 SHAPE = {"cores": 2, "memory_gb": 4}
-
-
-def make_run(directory, rows, **settings):
-    """A run database (DIR/sdm.db) created the way `sdm-peer init` does; returns (db, token)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    db = directory / "sdm.db"
-    init_run(db, write_plan(directory / "plan.json", rows), validate(settings))
-    return db, read_token(token_path_for(db))
-
-
-class ServerProcess:
-    """One `python -m sdm_peer serve` child; stdout is read up to its listening line, stderr goes to a file."""
-
-    def __init__(self, argv, log_path):
-        self.log_path = Path(log_path)
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log)
-        self.pid = self.proc.pid
-        self.listening_line = self._read_line()
-        match = re.fullmatch(r"listening on (\S+):(\d+)", self.listening_line)
-        assert match, f"unexpected first line {self.listening_line!r}"
-        self.address = (match.group(1), int(match.group(2)))
-
-    def _read_line(self):
-        deadline = time.monotonic() + START_TIMEOUT
-        buffer = b""
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.proc.stdout, selectors.EVENT_READ)
-            while b"\n" not in buffer:
-                left = deadline - time.monotonic()
-                if left <= 0 or not selector.select(left):
-                    self.stop(check=False)
-                    pytest.fail(f"the server printed no listening line in {START_TIMEOUT}s:\n{self.log()}")
-                chunk = os.read(self.proc.stdout.fileno(), 4096)
-                if not chunk:
-                    self.stop(check=False)
-                    pytest.fail(f"the server exited before listening:\n{self.log()}")
-                buffer += chunk
-        return buffer.split(b"\n", 1)[0].decode()
-
-    def stop(self, check=True):
-        """SIGTERM and wait; returns the exit code. Safe to call twice."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(STOP_TIMEOUT)
-            if check:
-                raise AssertionError(f"the server did not exit within {STOP_TIMEOUT}s of SIGTERM") from None
-            code = self.proc.returncode
-        self.proc.stdout.close()
-        self._log.close()
-        return code
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
-
-
-@pytest.fixture
-def start_server(tmp_path):
-    """start_server(db, *options, port=0, lease_seconds=2, run_dir=None) -> ServerProcess
-    (lease_seconds=None: no --lease-seconds, the run's setting)."""
-    started = []
-
-    def start(db=None, *options, port=0, lease_seconds=2, run_dir=None):
-        target = ["--dir", str(run_dir)] if run_dir is not None else ["--db", str(db)]
-        lease = [] if lease_seconds is None else ["--lease-seconds", str(lease_seconds)]
-        argv = [sys.executable, "-m", "sdm_peer", "serve", *target, "--port", str(port), *lease, *options]
-        server = ServerProcess(argv, tmp_path / f"server{len(started)}.log")
-        started.append(server)
-        return server
-
-    yield start
-    codes = [server.stop() for server in started]
-    assert codes == [0] * len(started), f"server exit codes {codes}"
 
 
 @pytest.fixture
@@ -214,9 +126,9 @@ def loopback_listeners(port):
     return found
 
 
-def test_serve_prints_listening_line_and_binds_loopback_by_default(run, start_server):
+def test_serve_prints_listening_line_and_binds_loopback_by_default(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     host, port = server.address
     assert host == "127.0.0.1" and 0 < port < 65536
     assert server.listening_line == f"listening on 127.0.0.1:{port}"
@@ -226,9 +138,9 @@ def test_serve_prints_listening_line_and_binds_loopback_by_default(run, start_se
         assert status(conn)["totals"]["total"] == 3
 
 
-def test_serve_with_a_run_dir_records_host_port_and_pid(tmp_path, start_server):
+def test_serve_with_a_run_dir_records_host_port_and_pid(tmp_path, spawn_server):
     make_run(tmp_path / "rundir", grid([(2, 4)], 1))
-    server = start_server(run_dir=tmp_path / "rundir")
+    server = spawn_server(run_dir=tmp_path / "rundir")
     info = json.loads((tmp_path / "rundir" / "server.json").read_text())
     assert info == {"host": "127.0.0.1", "port": server.address[1], "pid": server.pid}
 
@@ -236,9 +148,9 @@ def test_serve_with_a_run_dir_records_host_port_and_pid(tmp_path, start_server):
 # ---------------------------------------------------------------- a conversation
 
 
-def test_hello_answers_lease_seconds_and_settings_without_the_token(tmp_path, start_server):
+def test_hello_answers_lease_seconds_and_settings_without_the_token(tmp_path, spawn_server):
     db, token = make_run(tmp_path / "run", grid([(2, 4)], 1), command="python fit.py", max_failures=5)
-    server = start_server(db)
+    server = spawn_server(db)
     with Conn(server.address, token) as conn:
         answer = result_of(conn.ask("hello", worker_id="w1", **SHAPE))
     assert answer["lease_seconds"] == 2
@@ -247,25 +159,25 @@ def test_hello_answers_lease_seconds_and_settings_without_the_token(tmp_path, st
     assert token.encode() not in conn.raw[0]
 
 
-def test_lease_seconds_given_to_serve_becomes_the_runs_setting_and_hello_agrees(tmp_path, start_server):
+def test_lease_seconds_given_to_serve_becomes_the_runs_setting_and_hello_agrees(tmp_path, spawn_server):
     db, token = make_run(tmp_path / "run", grid([(2, 4)], 1), lease_seconds=60)
-    server = start_server(db, lease_seconds=7.5)
+    server = spawn_server(db, lease_seconds=7.5)
     with Conn(server.address, token) as conn:
         changed = result_of(conn.ask("hello", worker_id="w1", **SHAPE))
     assert changed["lease_seconds"] == changed["settings"]["lease_seconds"] == 7.5
     server.stop()
     assert server.log().count("lease period changed from 60s to 7.5s") == 1
     # Started again without --lease-seconds, it serves the stored period, and says nothing.
-    again = start_server(db, lease_seconds=None)
+    again = spawn_server(db, lease_seconds=None)
     with Conn(again.address, token) as conn:
         kept = result_of(conn.ask("hello", worker_id="w1", **SHAPE))
     assert kept["lease_seconds"] == kept["settings"]["lease_seconds"] == 7.5
     assert "lease period changed" not in again.log()
 
 
-def test_claim_renew_complete_and_status_on_one_connection_echo_request_ids(run, start_server):
+def test_claim_renew_complete_and_status_on_one_connection_echo_request_ids(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     with Conn(server.address, token) as conn:
         claimed = result_of(conn.ask("claim", request_id=0, worker_id="w1", **SHAPE))
         experiment = claimed["experiment"]
@@ -286,9 +198,9 @@ def test_claim_renew_complete_and_status_on_one_connection_echo_request_ids(run,
     assert experiments_in(db)[experiment["key"]] == ("DONE", 1)
 
 
-def test_pipelined_requests_on_one_connection_are_answered_in_order(run, start_server):
+def test_pipelined_requests_on_one_connection_are_answered_in_order(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     with Conn(server.address, token) as conn:
         lines = b"".join(json.dumps({"v": 1, "id": request_id, "op": "status", "token": token}).encode() + b"\n"
                          for request_id in (11, 12, 13))
@@ -298,11 +210,11 @@ def test_pipelined_requests_on_one_connection_are_answered_in_order(run, start_s
     assert all(answer["ok"] for answer in answers)
 
 
-def test_a_client_that_pipelines_more_than_it_reads_gets_every_answer_in_order(run, start_server):
+def test_a_client_that_pipelines_more_than_it_reads_gets_every_answer_in_order(run, spawn_server):
     """Some 2 MiB of requests sent before reading a single answer: the server stops reading
     while a line's worth waits and while the client does not read, yet loses nothing."""
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     padding = "x" * 250
     count = 6000
     with Conn(server.address, token) as conn, Conn(server.address, token) as other:
@@ -318,11 +230,11 @@ def test_a_client_that_pipelines_more_than_it_reads_gets_every_answer_in_order(r
     assert {answer["error"]["code"] for answer in answers} == {"LEASE_LOST"}
 
 
-def test_thousands_of_bad_lines_in_one_packet_are_each_answered_in_order(run, start_server):
+def test_thousands_of_bad_lines_in_one_packet_are_each_answered_in_order(run, spawn_server):
     """Refusals are answered without waiting for the database: many in one buffer must not
     nest one answer inside the next."""
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     count = 5000
     with Conn(server.address, token) as conn:
         conn.send(b"".join(b'{"v": 1, "id": %d, "op": "no-such-op", "token": "t"}\n' % n for n in range(count)))
@@ -332,9 +244,9 @@ def test_thousands_of_bad_lines_in_one_packet_are_each_answered_in_order(run, st
         assert status(conn)["totals"]["total"] == 3
 
 
-def test_a_token_that_is_not_valid_unicode_is_refused_and_the_connection_kept(run, start_server):
+def test_a_token_that_is_not_valid_unicode_is_refused_and_the_connection_kept(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     with Conn(server.address, token) as conn:
         conn.send(b'{"v": 1, "id": 5, "op": "status", "token": "\\ud800"}\n')
         answer = conn.read()
@@ -342,18 +254,18 @@ def test_a_token_that_is_not_valid_unicode_is_refused_and_the_connection_kept(ru
         assert status(conn)["totals"]["total"] == 3
 
 
-def test_refusal_from_the_store_carries_the_id_and_keeps_the_connection(run, start_server):
+def test_refusal_from_the_store_carries_the_id_and_keeps_the_connection(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     with Conn(server.address, token) as conn:
         assert code_of(conn.ask("claim", request_id=77, worker_id="w1", cores=3, memory_gb=7)) == "NO_SUCH_CONFIG"
         assert code_of(conn.ask("renew", lease_token="never-issued")) == "LEASE_LOST"
         assert claim(conn)["attempt"] == 1
 
 
-def test_bad_arguments_on_a_held_lease_change_nothing(run, start_server):
+def test_bad_arguments_on_a_held_lease_change_nothing(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     with Conn(server.address, token) as conn:
         lease = claim(conn)["lease_token"]
         assert code_of(conn.ask("complete", lease_token=lease, result=[1], wall_seconds=1)) == "BAD_REQUEST"
@@ -366,9 +278,9 @@ def test_bad_arguments_on_a_held_lease_change_nothing(run, start_server):
 # ---------------------------------------------------------------- the token
 
 
-def test_missing_or_wrong_token_is_unauthorized_and_changes_nothing(run, start_server):
+def test_missing_or_wrong_token_is_unauthorized_and_changes_nothing(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     with Conn(server.address, token) as conn:
         lease = claim(conn)["lease_token"]
         before = experiments_in(db)
@@ -391,9 +303,9 @@ def test_missing_or_wrong_token_is_unauthorized_and_changes_nothing(run, start_s
 # ---------------------------------------------------------------- bad lines
 
 
-def test_line_over_one_mib_gets_too_large_and_the_server_serves_the_next_connection(run, start_server):
+def test_line_over_one_mib_gets_too_large_and_the_server_serves_the_next_connection(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     padding = b"x" * (MAX_LINE + 1024)
     with Conn(server.address, token) as conn:
         try:
@@ -408,9 +320,9 @@ def test_line_over_one_mib_gets_too_large_and_the_server_serves_the_next_connect
         assert status(conn)["totals"]["total"] == 3
 
 
-def test_line_at_the_limit_is_served(run, start_server):
+def test_line_at_the_limit_is_served(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     head = b'{"v":1,"id":4,"op":"status","token":"%s","pad":"' % token.encode()
     line = head + b"x" * (MAX_LINE - len(head) - 3) + b'"}\n'
     assert len(line) == MAX_LINE
@@ -419,9 +331,9 @@ def test_line_at_the_limit_is_served(run, start_server):
         assert result_of(conn.read())["totals"]["total"] == 3
 
 
-def test_garbage_gets_bad_request_and_the_connection_keeps_working(run, start_server):
+def test_garbage_gets_bad_request_and_the_connection_keeps_working(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     with Conn(server.address, token) as conn:
         for garbage in (b"\x00\xff\xfe\x80garbage\n", b"GET / HTTP/1.1\r\n", b"{\"v\": 1,\n", b"[" * 100_000 + b"\n"):
             conn.send(garbage)
@@ -434,9 +346,9 @@ def test_garbage_gets_bad_request_and_the_connection_keeps_working(run, start_se
         assert status(conn)["totals"]["total"] == 3
 
 
-def test_client_that_disconnects_mid_line_does_not_disturb_the_server(run, start_server):
+def test_client_that_disconnects_mid_line_does_not_disturb_the_server(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     with Conn(server.address, token) as conn:
         conn.send(b'{"v":1,"id":1,"op":"sta')
     with Conn(server.address, token) as conn:
@@ -446,16 +358,16 @@ def test_client_that_disconnects_mid_line_does_not_disturb_the_server(run, start
 # ---------------------------------------------------------------- leases
 
 
-def test_server_start_extends_held_leases(tmp_path, start_server):
+def test_server_start_extends_held_leases(tmp_path, spawn_server):
     db, token = make_run(tmp_path / "run", grid([(2, 4)], 1))
-    server = start_server(db, lease_seconds=2)
+    server = spawn_server(db, lease_seconds=2)
     with Conn(server.address, token) as conn:
         experiment = claim(conn, "w1")
     assert server.stop() == 0
     with sqlite3.connect(db) as con:  # the lease period passes while the server is down
         con.execute("UPDATE experiments SET lease_expires_at = lease_expires_at - 2.3")
 
-    server = start_server(db, lease_seconds=2)
+    server = spawn_server(db, lease_seconds=2)
     assert "1 held leases extended" in server.log()
     with Conn(server.address, token) as conn:
         assert claim(conn, "w2") is None  # not taken back
@@ -467,9 +379,9 @@ def test_server_start_extends_held_leases(tmp_path, start_server):
 # ---------------------------------------------------------------- connection limits
 
 
-def test_connection_beyond_max_connections_gets_busy(run, start_server):
+def test_connection_beyond_max_connections_gets_busy(run, spawn_server):
     db, token = run
-    server = start_server(db, "--max-connections", "3")
+    server = spawn_server(db, "--max-connections", "3")
     held = [Conn(server.address, token) for _ in range(3)]
     try:
         for conn in held:
@@ -493,9 +405,9 @@ def test_connection_beyond_max_connections_gets_busy(run, start_server):
 
 
 @pytest.mark.timeout(30)
-def test_idle_connection_is_closed_while_an_active_one_stays(run, start_server):
+def test_idle_connection_is_closed_while_an_active_one_stays(run, spawn_server):
     db, token = run
-    server = start_server(db, "--idle-timeout", "1")
+    server = spawn_server(db, "--idle-timeout", "1")
     with Conn(server.address, token) as idle, Conn(server.address, token) as active:
         status(idle)
         answered = 0
@@ -509,9 +421,9 @@ def test_idle_connection_is_closed_while_an_active_one_stays(run, start_server):
 # ---------------------------------------------------------------- stopping
 
 
-def test_sigterm_with_an_idle_client_connected_exits_cleanly(run, start_server):
+def test_sigterm_with_an_idle_client_connected_exits_cleanly(run, spawn_server):
     db, token = run
-    server = start_server(db)
+    server = spawn_server(db)
     with Conn(server.address, token) as conn:
         lease = claim(conn)["lease_token"]
         assert server.stop() == 0  # within STOP_TIMEOUT
@@ -532,9 +444,9 @@ def test_serve_refuses_a_missing_database(tmp_path):
 # ---------------------------------------------------------------- many clients
 
 
-def test_twenty_concurrent_clients_finish_every_experiment_exactly_once(tmp_path, start_server):
+def test_twenty_concurrent_clients_finish_every_experiment_exactly_once(tmp_path, spawn_server):
     db, token = make_run(tmp_path / "run", grid([(2, 4)], 60))
-    server = start_server(db, lease_seconds=30)
+    server = spawn_server(db, lease_seconds=30)
     completed, errors = [], []
     lock = threading.Lock()
 
