@@ -43,10 +43,9 @@ def spend_usd(settings, alive_by_shape, run_seconds):
     kind = settings.get("provider", "none")
     provider = provider_class(kind) if kind != "none" else None
     table = price_table(settings.get("prices"))
-    spot = bool(settings.get("spot", True))
     usd = 0.0
     for cores, memory_gb, seconds in alive_by_shape:
-        family = provider.price_family(settings, cores, memory_gb) if provider else "local"
+        family, spot = provider.billed_as(settings, cores, memory_gb) if provider else ("local", False)
         usd += seconds / 3600 * hourly(table, family, cores, memory_gb, spot)
     for family, cores, memory_gb in (provider.run_machines if provider else ()):
         usd += max(run_seconds, 0.0) / 3600 * hourly(table, family, cores, memory_gb, False)

@@ -110,9 +110,10 @@ class Provider(Protocol):
         return None
 
     @classmethod
-    def price_family(cls, settings, cores, memory_gb):
-        """The prices.py family a worker of this shape is billed as: `local` by default."""
-        return "local"
+    def billed_as(cls, settings, cores, memory_gb):
+        """(the prices.py family, spot or not) a worker of this shape is billed as: `local`,
+        standard, by default."""
+        return "local", False
 
     @classmethod
     def check_run(cls, settings, shapes):
