@@ -7,6 +7,7 @@ move monthly): a budget is a cap the run keeps, so a run in another region, or w
 sets its own with `--set prices=JSON`. The family `local` prices the local provider's workers
 (and workers started by hand): nothing, unless set."""
 
+from .errors import SettingsError
 from .providers.base import provider_class
 
 PRICES_DATE = "2025-01"
@@ -36,12 +37,23 @@ def hourly(table, family, cores, memory_gb, spot):
     return cores * entry[prefix + "vcpu_hour"] + memory_gb * entry[prefix + "gb_hour"]
 
 
+def _provider(kind):
+    """The provider class that says how its machines are billed; None for `none`, or for one
+    this process has not registered (a provider added from outside, seen by the server): its
+    workers are then priced as `local`."""
+    if kind == "none":
+        return None
+    try:
+        return provider_class(kind)
+    except SettingsError:
+        return None
+
+
 def spend_usd(settings, alive_by_shape, run_seconds):
     """A run's spend so far: each (cores, memory_gb, seconds alive) of its workers at its
     provider's family and provisioning model, plus the run's own machines (the database VM)
     for `run_seconds`."""
-    kind = settings.get("provider", "none")
-    provider = provider_class(kind) if kind != "none" else None
+    provider = _provider(settings.get("provider", "none"))
     table = price_table(settings.get("prices"))
     usd = 0.0
     for cores, memory_gb, seconds in alive_by_shape:
