@@ -26,9 +26,9 @@ from pathlib import Path
 
 from . import auth
 from .errors import BadInput
-from .overview import (COUNT_COLUMNS, LEASE_COLUMNS, PROGRESS_COLUMNS, event_rows, finished, hidden_summary,
-                       idle_text, lease_rows, leases_text, mean_text, overview, progress_cells, progress_text,
-                       provisioning_text, replication_text, seconds_text, visible_configs)
+from .overview import (COUNT_COLUMNS, LEASE_COLUMNS, PROGRESS_COLUMNS, account_text, event_rows, finished,
+                       hidden_summary, idle_text, lease_rows, leases_text, mean_text, overview, progress_cells,
+                       progress_text, provisioning_text, replication_text, seconds_text, visible_configs)
 from .rundir import write_token
 from .store import Store
 
@@ -198,7 +198,7 @@ tr.all td {{ border-top: 1px solid #999; font-weight: 600; }}
 .state-RUNNING {{ color: #0a6fa8; font-weight: 600; }} .state-PROVISIONING {{ color: #a86b00; }}
 .state-WAITING {{ color: #888; }} .state-DONE {{ color: #2e8b57; }}
 .kind-error {{ color: #b00020; }} .kind-expired, .kind-interrupted, .kind-lost {{ color: #a86b00; }}
-.lapsed, .replica-error {{ color: #b00020; }} .replica-late {{ color: #a86b00; }} .muted {{ color: #777; }}
+.lapsed, .replica-error, .stopped {{ color: #b00020; }} .replica-late {{ color: #a86b00; }} .muted {{ color: #777; }}
 ul.events {{ list-style: none; padding: 0; }} ul.events li {{ margin: .15em 0; }}
 svg text {{ font: 11px system-ui, sans-serif; fill: #333; }} svg .heat-cell {{ stroke: #fff; stroke-width: .5; }}
 </style></head>
@@ -231,6 +231,9 @@ def render_page(status, *, now, database=""):
     lines = [f'<p class="provisioning">{_e(provisioning_text(p))}</p>' for p in status.get("provisioning", ())]
     if status.get("idle", {}).get("idle_fraction") is not None:
         lines.append(f'<p id="idle">{_e(idle_text(status["idle"]))}</p>')
+    if account_text(status):
+        lines.append(f'<p id="account" class="{"stopped" if status["spend"]["stopped"] else "muted"}">'
+                     f'{_e(account_text(status))}</p>')
     if "replication" in status:
         text, standing = replication_text(status["replication"])
         lines.append(f'<p id="replication" class="replica-{standing}">{_e(text)}</p>')

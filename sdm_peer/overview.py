@@ -59,10 +59,37 @@ def overview(store, *, now, with_replication=True):
                     "per_minute": round(60 * timings["recent_done"] / window, 2) if window > 0 else None},
         eta_seconds=eta_seconds(status["configs"]),
         idle=idle_totals(idle.values()),
+        vcpus=store.vcpus(),
+        spend=spend_of(store.spend(now=now), status["totals"]),
     )
     if with_replication and store.settings.get("replica_url"):
         status["replication"] = replication_of(store)
     return status
+
+
+def spend_of(spend, totals):
+    """The run's spend (DESIGN §8): `usd` so far, `projected_usd` for the whole plan at the
+    spend per finished experiment so far (None before one finished), `budget_usd` (None: no
+    cap) and whether it `stopped` the run."""
+    done = finished(totals)
+    projected = round(spend["usd"] * totals["total"] / done, 2) if done else None
+    budget = spend["budget_usd"]
+    return {"usd": round(spend["usd"], 2), "projected_usd": projected, "budget_usd": budget,
+            "stopped": budget is not None and spend["usd"] >= budget}
+
+
+def account_text(status):
+    """vCPUs held against max_vcpus and spend against the budget, in one line; None when the
+    status has neither a limit nor a spend (an older server's)."""
+    vcpus, spend = status.get("vcpus"), status.get("spend")
+    if not vcpus or not spend:
+        return None
+    limit = f" of {vcpus['limit']:,}" if vcpus["limit"] is not None else ""
+    cap = f" of budget ${spend['budget_usd']:,.2f}" if spend["budget_usd"] is not None else ""
+    projected = f", projected ${spend['projected_usd']:,.2f}" if spend["projected_usd"] is not None else ""
+    stopped = ("; budget reached: nothing more is provisioned or claimed, raise it with"
+               " `bootstrap --set budget_usd=...`" if spend["stopped"] else "")
+    return f"vCPUs: {vcpus['in_use']:,}{limit} in use · spent ${spend['usd']:,.2f}{cap}{projected}{stopped}"
 
 
 def idle_totals(rows):
@@ -227,6 +254,12 @@ def event_text(event):
              "group_failed": f"group {config} cannot run{by}: {detail.get('error')}; removed, retried in "
                              f"{duration(detail.get('retry_seconds'))}",
              "config_reopened": f"{config} reopened by a new plan",
+             "budget": (f"budget reached: ${detail.get('usd')} of ${detail.get('budget_usd')}; nothing more is"
+                        " provisioned or claimed" if detail.get("stopped")
+                        else f"budget raised to ${detail.get('budget_usd')}: the run goes on"),
+             "zone_fallback": f"group {config} moved to zone {detail.get('zone')}: {detail.get('error')}",
+             "spot_fallback": f"group {config} made standard: no spot capacity for "
+                              f"{duration(detail.get('seconds'))}",
              "server_started": f"server started ({detail.get('leases_extended', 0)} leases extended)"}
     return words.get(kind, f"{kind} {config or ''}{by}".strip())
 

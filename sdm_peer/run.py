@@ -23,7 +23,7 @@ from .rundir import RunDir, read_token, resolve_token, token_path_for, write_tok
 from .states import RUNNING
 from .store import Store
 from .overview import duration
-from .worker import provision_group
+from .worker import provision_group, provisions_of
 
 SERVER_START_TIMEOUT = 20.0
 SERVER_STOP_TIMEOUT = 15.0
@@ -55,22 +55,31 @@ def init_run(db, plan_file, settings, token_file=None):
     for target in (Path(db), token_path):
         if not target.parent.is_dir():
             raise BadInput(f"{target}: no such directory {str(target.parent)!r}")
-    check_provider_serves(db, plan, settings)
+    settings = fit_run(db, plan, settings)
     with Store(db) as store:
         counts = store.import_plan(plan, settings=settings, now=now())
     write_token(token_path)
     return counts
 
 
-def check_provider_serves(db, plan, settings):
-    """The run's provider (as stored, or as now set) must be able to serve every config's
-    shape, the plan's and those already in DB; refused before anything is written."""
+def fit_run(db, plan, settings):
+    """The new settings, with the provider's default max_vcpus when they give none and DB holds
+    none or a smaller one; refused, before anything is written, when the run's provider (as stored, or as now
+    set) cannot serve every config's shape, the plan's and those already in DB."""
     stored, shapes = settings_mod.with_defaults({}), [(config.cores, config.memory_gb) for config in plan.configs]
     if Path(db).exists():
         with Store(db, create=False) as store:
             stored = store.settings
             shapes += [(config["cores"], config["memory_gb"]) for config in store.status(now=now())["configs"]]
-    check_run({**stored, **settings}, shapes)
+    full = {**stored, **settings}
+    if "max_vcpus" not in settings and full["provider"] != "none":
+        # A default follows the plan: a plan that adds a shape bigger than it raises it.
+        default = provider_class(full["provider"]).default_max_vcpus(full, shapes)
+        held = full.get("max_vcpus")
+        if default is not None and (held is None or held < max((cores for cores, _ in shapes), default=0)):
+            settings = {**settings, "max_vcpus": default}
+    check_run({**full, **settings}, shapes)
+    return settings
 
 
 def stored_settings(run):
@@ -268,15 +277,14 @@ def bootstrap(run, *, lease_seconds=None, owner="bootstrap", http_port=None):
 
 
 def provision_groups(client, provider, *, owner="bootstrap", echo=None):
-    """Make sure the groups of running configs exist (creating is idempotent: after a reboot this
-    restarts them), then take the first (or a lapsed) provisioning lease, create its group and
-    report it. A group that cannot run is removed and reported as a worker does, then raised
+    """Make sure the groups of running configs exist (creating is idempotent: after a reboot, or
+    a budget raised, this restarts them), then take the provisioning leases bootstrap is given
+    (lapsed ones; as many configs as max_vcpus holds), create their groups and report each. A group that cannot run is removed and reported as a worker does, then raised
     (ProviderError naming the cause)."""
     for config in client.call("status")["configs"]:
         if config["state"] == RUNNING:
             provider.create_group(GroupSpec.from_config(config))
-    provision = client.call("acquire_provisioning", owner=owner)["provision"]
-    if provision is not None:
+    for provision in provisions_of(client.call("acquire_provisioning", owner=owner)):
         failed = provision_group(client, provider, provision, owner)
         if failed is not None:
             error, retry_seconds = failed

@@ -28,6 +28,9 @@ CREATE TABLE IF NOT EXISTS configs (
     provision_expires_at REAL,
     provisioned_at       REAL,
     done_at              REAL,
+    -- The VMs its group was given (group_size, made smaller to fit max_vcpus): cores x vms is
+    -- what it holds of max_vcpus while PROVISIONING or RUNNING; 0 while it holds none.
+    vms                  INTEGER NOT NULL DEFAULT 0 CHECK (vms >= 0),
     UNIQUE (cores, memory_gb),
     CHECK (provision_expires_at IS NULL OR provision_token IS NOT NULL)
 );
@@ -144,7 +147,8 @@ CREATE TABLE IF NOT EXISTS events (
     kind   TEXT NOT NULL CHECK (kind IN ('config_added', 'config_reopened', 'config_running',
                                          'config_done', 'handoff', 'provision_takeover',
                                          'group_provisioned', 'group_failed', 'group_deleted',
-                                         'server_started')),
+                                         'server_started', 'budget', 'zone_fallback',
+                                         'spot_fallback')),
     config TEXT,
     worker TEXT,
     detail TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(detail))

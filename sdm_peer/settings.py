@@ -54,6 +54,38 @@ def _provider(value):
     return value
 
 
+def _non_negative_number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError("a number, 0 or more")
+    return value
+
+
+def _zones(value):
+    """Zones to try in order when one is out of capacity: a list, or a comma-separated string."""
+    if isinstance(value, str):
+        value = [zone.strip() for zone in value.split(",") if zone.strip()]
+    if not isinstance(value, list) or not value:
+        raise ValueError("a list of zones such as [\"us-central1-a\", \"us-central1-b\"]")
+    for zone in value:
+        _zone(zone)
+    return value
+
+
+PRICE_KEYS = ("vcpu_hour", "gb_hour", "spot_vcpu_hour", "spot_gb_hour")
+
+
+def _prices(value):
+    """Overrides of the built-in price table: {"FAMILY": {KEY: USD, ...}}, KEY one of PRICE_KEYS."""
+    if not isinstance(value, dict) or not all(isinstance(entry, dict) for entry in value.values()):
+        raise ValueError('{"FAMILY": {"vcpu_hour": $, "gb_hour": $, "spot_vcpu_hour": $, "spot_gb_hour": $}}')
+    for family, entry in value.items():
+        for key, price in entry.items():
+            if key not in PRICE_KEYS:
+                raise ValueError(f"prices per family with the keys {', '.join(PRICE_KEYS)} ({family}: {key!r}?)")
+            _non_negative_number(price)
+    return {family.lower(): dict(entry) for family, entry in value.items()}
+
+
 def _confine(value):
     """How the local provider confines each command to its shape (DESIGN §9)."""
     from .confine import CONFINEMENTS
@@ -139,6 +171,11 @@ SCHEMA = {
     "shrink": _boolean,
     # Measurement (issue 17): each local command on CPUs of its own, with its shape's memory.
     "confine": _confine,
+    # Fitting the account (issue 16, DESIGN §8): how many vCPUs the groups may hold at once, a
+    # hard spending cap and the prices it is counted in.
+    "max_vcpus": _positive_int,
+    "budget_usd": _non_negative_number,
+    "prices": _prices,
     # Google Cloud (issue: GCE provider).
     "project": _project,
     "zone": _zone,
@@ -146,6 +183,8 @@ SCHEMA = {
     "subnetwork": _subnetwork,
     "external_ip": _boolean,  # false: the network needs Cloud NAT for the VMs to install anything
     "group_wait_seconds": _positive_number,
+    "zones": _zones,
+    "spot_fallback_minutes": _positive_number,
     "image": _image,
     "disk_gb": _disk_gb,
     "spot": _boolean,

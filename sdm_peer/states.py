@@ -36,9 +36,12 @@ OUTCOMES = (DONE, ERROR, INTERRUPTED, EXPIRED, LOST)
 UNSUCCESSFUL = (ERROR, INTERRUPTED, EXPIRED, LOST)
 
 # Kinds of the events log (config-level happenings). group_failed: the cloud said why a group
-# cannot make its VMs; the config's provisioning is retried later, backed off.
+# cannot make its VMs (a quota, a stockout); the config's provisioning is retried later, backed
+# off. budget: spend reached budget_usd (nothing more is provisioned or claimed) or the cap was
+# raised again. zone_fallback, spot_fallback: a group moved to the next zone, or to standard VMs.
 EVENT_KINDS = ("config_added", "config_reopened", "config_running", "config_done", "handoff", "provision_takeover",
-               "group_provisioned", "group_failed", "group_deleted", "server_started")
+               "group_provisioned", "group_failed", "group_deleted", "server_started", "budget", "zone_fallback",
+               "spot_fallback")
 
 # event -> (statuses it may leave, statuses it may lead to). A plan adds experiments as NOT STARTED.
 EXPERIMENT_TRANSITIONS = {

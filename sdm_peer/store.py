@@ -21,11 +21,12 @@ from pathlib import Path
 
 import sqlite_utils
 
+from . import prices
 from . import settings as settings_mod
 from . import states as st
 from .errors import BadInput, LeaseLost, NoSuchConfig, SdmPeerError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 NOT_HELD = "this lease is no longer held: the experiment was taken back or finished"
 BUSY_TIMEOUT_MS = 10_000
 WAL_CHECKPOINT_PAGES = 4000  # 16 MiB of WAL between automatic checkpoints (SQLite's default: 1000)
@@ -97,6 +98,7 @@ QUERIES = {
                           AND e.{IS_STARTED} AND e.lease_owner = w.id)""",
     "departure_add": "INSERT INTO departures (worker, config, left_at) VALUES (?, ?, ?)",
     "departure_cancel": "DELETE FROM departures WHERE worker = ?",
+    "config_vm_left": "UPDATE configs SET vms = MAX(vms - 1, 0) WHERE id = ?",
     # ------------------------------------------------------------ leases
     # The claim query; its WHERE clause matches the partial index `experiments_claimable`.
     "claim_next": f"""SELECT id, key, params, attempts FROM experiments
@@ -125,9 +127,11 @@ QUERIES = {
     "handed_off": "SELECT EXISTS (SELECT 1 FROM events WHERE kind = 'handoff' AND json_extract(detail, '$.from') = ?)",
     # When the earliest outstanding provisioning lease lapses; configs_provisioning holds exactly those.
     "pending_provision": "SELECT MIN(provision_expires_at) FROM configs WHERE provision_expires_at IS NOT NULL",
-    "provision_takeover": """UPDATE configs SET provision_owner = ?, provision_token = ?, provision_expires_at = ?
-        WHERE id = (SELECT id FROM configs WHERE provision_expires_at <= ? ORDER BY sequence LIMIT 1)
-        RETURNING name, cores, memory_gb, group_size, provision_token""",
+    "provision_lapsed": "SELECT id, cores, group_size, vms FROM configs WHERE provision_expires_at <= ?"
+                        " ORDER BY sequence",
+    "provision_takeover": """UPDATE configs SET provision_owner = :owner, provision_token = :token,
+            provision_expires_at = :expires, vms = :vms
+        WHERE id = :id RETURNING name, cores, memory_gb, vms, provision_token""",
     "provision_renew": "UPDATE configs SET provision_expires_at = ? WHERE provision_token = ?"
                        " AND provision_expires_at IS NOT NULL RETURNING id",
     "provision_of_token": "SELECT id, name, provisioned_at FROM configs WHERE provision_token = ?",
@@ -137,8 +141,19 @@ QUERIES = {
     "provision_held": "SELECT id, name FROM configs WHERE provision_token = ? AND provision_expires_at IS NOT NULL",
     # A lease given up after its group could not run: a fresh token (the old holder's reports
     # are refused), nobody holding it, and a lapse at the retry time.
-    "provision_give_up": "UPDATE configs SET provision_owner = NULL, provision_token = ?, provision_expires_at = ?"
-                         " WHERE id = ?",
+    # Its vCPUs are given back meanwhile (the quota may be used elsewhere): vms 0.
+    "provision_give_up": "UPDATE configs SET provision_owner = NULL, provision_token = ?, provision_expires_at = ?,"
+                         " vms = 0 WHERE id = ?",
+    # The next config to hand off, and what the groups hold of max_vcpus (DESIGN §8).
+    "next_waiting": f"SELECT id, cores, group_size FROM configs WHERE state = '{st.WAITING}' ORDER BY sequence LIMIT 1",
+    "vcpus_in_use": f"SELECT COALESCE(SUM(cores * vms), 0) FROM configs"
+                    f" WHERE state IN {_sql_list((st.PROVISIONING, st.RUNNING))}",
+    # Spend (DESIGN §8): each worker's seconds alive (first to last call, a minute at least) by shape.
+    "alive_by_shape": "SELECT cores, memory_gb, SUM(MAX(last_seen - first_seen, :minimum)) AS seconds"
+                      " FROM workers GROUP BY cores, memory_gb",
+    "run_started": "SELECT MIN(at) FROM events",
+    "last_budget_event": "SELECT detail FROM events WHERE config IS NULL AND kind = 'budget' ORDER BY id DESC LIMIT 1",
+    "leases_of_config": f"SELECT EXISTS (SELECT 1 FROM experiments WHERE config = ? AND {IS_STARTED})",
     "group_failures": f"SELECT COUNT(*) FROM events e WHERE e.config = ? AND e.kind = 'group_failed' AND {SINCE_MADE}",
     "configs_active": f"SELECT EXISTS (SELECT 1 FROM configs"
                       f" WHERE state IN {_sql_list((st.PROVISIONING, st.RUNNING))})",
@@ -149,7 +164,8 @@ QUERIES = {
     "events": "SELECT at, kind, config, worker, detail FROM events ORDER BY id",
     "events_of_kind": "SELECT at, kind, config, worker, detail FROM events WHERE kind = ? ORDER BY id",
     # ------------------------------------------------------------ reading
-    "status_configs": "SELECT id, name, cores, memory_gb, sequence, group_size, state FROM configs ORDER BY sequence",
+    "status_configs": "SELECT id, name, cores, memory_gb, sequence, group_size, vms, state FROM configs"
+                      " ORDER BY sequence",
     "status_counts": "SELECT config, status, COUNT(*) FROM experiments GROUP BY config, status",
     "status_expired": f"SELECT config, COUNT(*) FROM experiments WHERE {IS_STARTED}"
                       f" AND lease_expires_at <= ? GROUP BY config",
@@ -213,6 +229,8 @@ QUERIES = {
 # schema.sql's (a CHECK list that grew, which SQLite cannot alter; new columns), their rows kept:
 # one way to bring any older file up to date.
 REBUILT_WHEN_CHANGED = ("events", "attempts")
+# Tables others refer to, which cannot be rebuilt: an older database's gets schema.sql's new columns.
+EXTENDED_WHEN_CHANGED = ("configs",)
 
 # Taking a lease back, released or expired: INTERRUPTED or NOT STARTED, FAILED once the
 # interruption budget is spent.
@@ -254,9 +272,8 @@ MOVES = {
     "release": ("experiments", "release", _INTERRUPT),
     "expire": ("experiments", "expire", _INTERRUPT),
     "config_handoff": ("configs", "handoff", """UPDATE configs SET state = :to, provision_owner = :owner,
-            provision_token = :token, provision_expires_at = :expires
-        WHERE id = (SELECT id FROM configs WHERE {leaving} ORDER BY sequence LIMIT 1)
-        RETURNING name, cores, memory_gb, group_size, provision_token"""),
+            provision_token = :token, provision_expires_at = :expires, vms = :vms
+        WHERE id = :id AND {leaving} RETURNING name, cores, memory_gb, vms, provision_token"""),
     "config_first_claim": ("configs", "first_claim", "UPDATE configs SET state = :to WHERE id = :id AND {leaving}"
                                                      " RETURNING id"),
     "config_finish": ("configs", "finish", """UPDATE configs SET state = :to, done_at = :now,
@@ -351,6 +368,8 @@ class Store:
                 for table, old in zip(REBUILT_WHEN_CHANGED, set_aside):
                     if old is not None:
                         _move_rows(db, old, table)
+                for table in EXTENDED_WHEN_CHANGED:
+                    _add_new_columns(db, table)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self.version = SCHEMA_VERSION
         self.settings = self.load_settings()
@@ -478,31 +497,45 @@ class Store:
     def claim(self, worker_id, cores, memory_gb, *, now, lease_seconds):
         """Claim the next experiment of the worker's shape.
 
-        Expired leases of that config are taken back first (lazily: no reaper is needed).
-        Returns {experiment, config, config_done, handoff_pending, retry_after, provision}."""
+        Expired leases of that config are taken back first (lazily: no reaper is needed). At
+        the budget (budget_usd) nothing is claimed: `stop` says why, and `remove_group` whether
+        the config's group may go (none of its workers still runs an experiment).
+        Returns {experiment, config, config_done, handoff_pending, retry_after, provision,
+        provisions, leave, stop}."""
         with self._write() as db:
             self._touch_worker(db, worker_id, cores, memory_gb, now)
             if self.settings["shrink"]:  # a departed worker asking again did not leave after all
                 db.execute(SQL["departure_cancel"], (worker_id,))
             config = self._config_for_shape(db, cores, memory_gb)
-            provision = None
+            provisions = []
             if config["state"] != st.CONFIG_DONE:
-                provision = self._reclaim_expired(db, config["id"], now, worker_id)
+                provisions += self._reclaim_expired(db, config["id"], now, worker_id)
             experiment = self._held_by(db, config["id"], worker_id, now, lease_seconds)
+            stop = None if experiment else self._budget_stop(db, now)
+            if stop is not None:
+                return {**_provisions(provisions), **self._progress(db, config["id"], now), "experiment": None,
+                        "leave": False, "stop": stop,
+                        "remove_group": not db.execute(SQL["leases_of_config"], (config["id"],)).fetchone()[0]}
             row = None if experiment else db.execute(SQL["claim_next"], {"config": config["id"]}).fetchone()
             if row is not None:
                 experiment = self._start(db, row, config, worker_id, now, lease_seconds)
                 if self.settings["prewarm"]:
-                    provision = provision or self._prewarm(db, config, worker_id, now)
-            provision = provision or self._take_over_provisioning(db, worker_id, now)
+                    provisions += self._prewarm(db, config, worker_id, now)
+            if not provisions:
+                provisions = [provision for provision in [self._take_over_provisioning(db, worker_id, now)]
+                              if provision is not None]
             if experiment is not None:  # nothing to wait for
-                return {"experiment": experiment, "provision": provision, "config": config["name"],
+                return {"experiment": experiment, **_provisions(provisions), "config": config["name"],
                         "config_done": False, "handoff_pending": self._pending_provision(db) is not None,
-                        "retry_after": None, "leave": False}
+                        "retry_after": None, "leave": False, "stop": None}
             answer = self._progress(db, config["id"], now)
             answer["leave"] = (self.settings["shrink"] and not answer["config_done"]
                                and self._leave_group(db, config, worker_id, now))
-        return {"experiment": experiment, "provision": provision, **answer}
+            if answer["leave"] and self._max_vcpus(db) is not None:
+                # Its VM's vCPUs are free: the next configs' groups boot during this one's tail.
+                db.execute(SQL["config_vm_left"], (config["id"],))
+                provisions += self._hand_off(db, worker_id, now, source=config["name"], prewarm=True)
+        return {"experiment": experiment, **_provisions(provisions), **answer, "stop": None}
 
     def _prewarm(self, db, config, worker_id, now):
         """The claim that took the config's last claimable experiment hands off the next WAITING
@@ -510,12 +543,8 @@ class Store:
         ERROR or a lapsed lease can make the config claimable again, but the hand-off happened."""
         left = db.execute(SQL["claim_next"], {"config": config["id"]}).fetchone()
         if left is not None or self.settings["provider"] == "none" or self._handed_off(db, config["name"]):
-            return None
-        provision = self._lease_next_waiting(db, worker_id, now)
-        if provision is not None:
-            self._event(db, now, "handoff", provision["config"], worker_id, {"from": config["name"], "prewarm": True})
-            provision["previous"] = config["name"]
-        return provision
+            return []
+        return self._hand_off(db, worker_id, now, source=config["name"], prewarm=True)
 
     @staticmethod
     def _handed_off(db, config_name):
@@ -603,10 +632,10 @@ class Store:
                 worker = self._end_attempt(db, lease_token, st.DONE, now, wall_seconds=wall_seconds, exit_code=0,
                                            host=host)
                 self._seen(db, worker, now)
-                config_done, provision = self._finish_if_complete(db, moved[0]["config"], now, worker)
+                config_done, provisions = self._finish_if_complete(db, moved[0]["config"], now, worker)
         if refusal is not None:
             return self._refuse_or_repeat(refusal)
-        return {"status": st.DONE, "config_done": config_done, "provision": provision}
+        return {"status": st.DONE, "config_done": config_done, **_provisions(provisions)}
 
     def fail(self, lease_token, error, exit_code, wall_seconds, *, now, host=None):
         """The command failed: ERROR (retried later) or FAILED once `max_failures` is reached."""
@@ -623,10 +652,10 @@ class Store:
                 worker = self._end_attempt(db, lease_token, st.ERROR, now, wall_seconds=wall_seconds,
                                            exit_code=exit_code, error=error, host=host)
                 self._seen(db, worker, now)
-                config_done, provision = self._finish_if_complete(db, moved[0]["config"], now, worker)
+                config_done, provisions = self._finish_if_complete(db, moved[0]["config"], now, worker)
         if refusal is not None:
             return self._refuse_or_repeat(refusal)
-        return {"status": moved[0]["status"], "config_done": config_done, "provision": provision}
+        return {"status": moved[0]["status"], "config_done": config_done, **_provisions(provisions)}
 
     def release(self, *, now, reason, lease_token=None, worker_id=None):
         """Give leases back (shutdown, SIGTERM, preemption): INTERRUPTED, or FAILED once
@@ -668,15 +697,15 @@ class Store:
         return self._finish_if_complete(db, row["config"], now, row["lease_owner"])
 
     def _reclaim_expired(self, db, config_id, now, caller):
-        """Take back every lapsed lease of one config. Returns a provisioning lease if taking
-        one back finished the config (its budget ran out on the last unfinished experiment)."""
-        provision = None
+        """Take back every lapsed lease of one config. Returns the provisioning leases handed
+        off if taking one back finished the config (its budget ran out on the last unfinished
+        experiment)."""
+        provisions = []
         rows = db.execute(SQL["expired_leases"], (config_id, now)).fetchall()
         for row in rows:
             row = dict(row, lease_owner=caller)  # the hand-off goes to whoever is here to take it
-            _, handed = self._interrupt(db, row, st.EXPIRED, now, reason="lease expired")
-            provision = provision or handed
-        return provision
+            provisions += self._interrupt(db, row, st.EXPIRED, now, reason="lease expired")[1]
+        return provisions
 
     def _late_report(self, db, lease_token, outcome, now, **report):
         """A report for a lease that is not held. The same report again (a retry after a lost
@@ -699,7 +728,7 @@ class Store:
     def _refuse_or_repeat(refusal):
         if isinstance(refusal, Exception):
             raise refusal
-        return {**refusal, "config_done": False, "provision": None}
+        return {**refusal, "config_done": False, **_provisions([])}
 
     @staticmethod
     def _end_attempt(db, lease_token, outcome, now, *, wall_seconds=None, exit_code=None, error=None, host=None):
@@ -717,36 +746,87 @@ class Store:
 
     def _finish_if_complete(self, db, config_id, now, caller):
         """If no experiment of the config is unfinished, mark it DONE and elect the caller to
-        provision the next WAITING config (exactly once: only the UPDATE that changed the
-        state hands off, and not at all when pre-warming handed off already). Returns
-        (config_done, provision)."""
+        provision the next WAITING configs (exactly once: only the UPDATE that changed the
+        state hands off). Returns (config_done, provisions)."""
         if db.execute(SQL["config_unfinished"], (config_id,)).fetchone()[0]:
-            return False, None
+            return False, []
         (finished,) = self._move(db, "config_finish", {"now": now, "id": config_id}, to=st.CONFIG_DONE,
                                  refusal=st.IllegalTransition("a DONE config had an unfinished experiment"))
         self._event(db, now, "config_done", finished["name"], caller)
-        if self.settings["provider"] == "none" or self._handed_off(db, finished["name"]):
-            return True, None  # no provider, or pre-warming handed off at the last claim
-        provision = self._lease_next_waiting(db, caller, now)
-        if provision is not None:
-            self._event(db, now, "handoff", provision["config"], caller, {"from": finished["name"]})
-            provision["previous"] = finished["name"]
-        return True, provision
+        if self.settings["provider"] == "none":
+            return True, []
+        if self._max_vcpus(db) is None and self._handed_off(db, finished["name"]):
+            return True, []  # one group at a time, and pre-warming handed off at the last claim
+        return True, self._hand_off(db, caller, now, source=finished["name"])
 
-    def _lease_next_waiting(self, db, owner, now):
-        """The next WAITING config's provisioning lease, held by `owner`; with no owner (None),
-        lapsed from the start, so that the next worker to ask takes it over."""
+    def _hand_off(self, db, owner, now, *, source, prewarm=False):
+        """Provisioning leases on the next WAITING configs, in sequence order, held by `owner`
+        (None: lapsed from the start, so that the next worker to ask takes them over). With
+        `max_vcpus`, as many as its free vCPUs hold, each group made smaller to fit (never
+        below one VM); without it, the next one (one group at a time). None at the budget."""
+        if self._budget_stop(db, now) is not None:
+            return []
+        limit = self._max_vcpus(db)
+        free = None if limit is None else limit - db.execute(SQL["vcpus_in_use"]).fetchone()[0]
         expires = now if owner is None else now + self.settings["provision_lease_seconds"]
-        moved = self._move(db, "config_handoff", {"owner": owner, "token": secrets.token_urlsafe(18),
-                                                  "expires": expires}, to=st.PROVISIONING)
-        return self._provision(moved[0] if moved else None)
+        provisions = []
+        while limit is None and not provisions or limit is not None:
+            row = db.execute(SQL["next_waiting"]).fetchone()
+            vms = row and _vms_that_fit(row["cores"], row["group_size"], limit, free)
+            if not vms:
+                break
+            (moved,) = self._move(db, "config_handoff", {"owner": owner, "token": secrets.token_urlsafe(18),
+                                                         "expires": expires, "id": row["id"], "vms": vms},
+                                  to=st.PROVISIONING, refusal=st.IllegalTransition("a WAITING config changed state"))
+            provision = self._provision(moved, previous=source)
+            smaller = {"vms": vms} if vms < row["group_size"] else {}
+            self._event(db, now, "handoff", provision["config"], owner,
+                        {"from": source, **({"prewarm": True} if prewarm else {}), **smaller})
+            provisions.append(provision)
+            if free is not None:
+                free -= vms * row["cores"]
+        return provisions
 
-    def _provision(self, row):
+    def _budget_stop(self, db, now):
+        """Why nothing more is provisioned or claimed (spend reached budget_usd), or None. The
+        cap is read as stored now, so that `bootstrap --set budget_usd=...` resumes a running
+        server's run; each stop and each resumption is an event of kind `budget`."""
+        budget = self._setting(db, "budget_usd")
+        if budget is None:
+            return None
+        usd = self._spend_usd(db, now)
+        last = db.execute(SQL["last_budget_event"]).fetchone()
+        stopped = last is not None and json.loads(last[0]).get("stopped", False)
+        over = usd >= budget
+        if over != stopped:
+            self._event(db, now, "budget", None, None, {"stopped": over, "usd": round(usd, 2), "budget_usd": budget})
+        return f"the budget is spent: ${usd:,.2f} of budget_usd ${budget:,.2f}" if over else None
+
+    def _spend_usd(self, db, now):
+        """USD spent so far: every worker's seconds alive (a minute at least) at its shape's
+        price, and the run's own machines since its first event (prices.py)."""
+        alive = db.execute(SQL["alive_by_shape"], {"minimum": prices.MINIMUM_SECONDS}).fetchall()
+        started = db.execute(SQL["run_started"]).fetchone()[0]
+        settings = {**self.settings, "prices": self._setting(db, "prices")}
+        return prices.spend_usd(settings, [tuple(row) for row in alive], now - (started or now))
+
+    def spend(self, *, now):
+        """{usd, budget_usd}: what the run spent so far and its cap (None: no cap)."""
+        with self._read() as db:
+            return {"usd": round(self._spend_usd(db, now), 4), "budget_usd": self._setting(db, "budget_usd")}
+
+    def _max_vcpus(self, db):
+        """The run's max_vcpus as stored now (None: configs one after another): read each time,
+        so that `bootstrap --set max_vcpus=N` holds at once for a running server."""
+        return self._setting(db, "max_vcpus")
+
+    def _provision(self, row, previous=None):
+        """A provisioning answer; its group_size is what the group was given (`vms`)."""
         if row is None:
             return None
         return {"config": row["name"], "provision_token": row["provision_token"], "cores": row["cores"],
-                "memory_gb": _number(row["memory_gb"]), "group_size": row["group_size"],
-                "lease_seconds_left": self.settings["provision_lease_seconds"], "previous": None}
+                "memory_gb": _number(row["memory_gb"]), "group_size": row["vms"],
+                "lease_seconds_left": self.settings["provision_lease_seconds"], "previous": previous}
 
     @staticmethod
     def _pending_provision(db):
@@ -756,29 +836,39 @@ class Store:
     def _take_over_provisioning(self, db, owner, now):
         """A provisioning lease that lapsed before `provisioned` goes to the next one to ask.
         This holds even when workers of the new group already claim: the duty includes
-        recording the group, and creating it again is harmless (create_group is idempotent)."""
+        recording the group, and creating it again is harmless (create_group is idempotent).
+        A config that gave its vCPUs back (its group could not run) gets them again only as
+        they fit; none is taken over at the budget."""
         pending = self._pending_provision(db)
         if self.settings["provider"] == "none" or pending is None or pending > now:
             return None
-        row = db.execute(SQL["provision_takeover"], (owner, secrets.token_urlsafe(18),
-                                                     now + self.settings["provision_lease_seconds"], now)).fetchone()
-        if row is not None:
-            self._event(db, now, "provision_takeover", row["name"], owner)
-        return self._provision(row)
+        if self._budget_stop(db, now) is not None:
+            return None
+        limit = self._max_vcpus(db)
+        free = None if limit is None else limit - db.execute(SQL["vcpus_in_use"]).fetchone()[0]
+        for row in db.execute(SQL["provision_lapsed"], (now,)).fetchall():
+            vms = row["vms"] or _vms_that_fit(row["cores"], row["group_size"], limit, free)
+            if vms:
+                taken = db.execute(SQL["provision_takeover"], {
+                    "owner": owner, "token": secrets.token_urlsafe(18), "vms": vms, "id": row["id"],
+                    "expires": now + self.settings["provision_lease_seconds"]}).fetchone()
+                self._event(db, now, "provision_takeover", taken["name"], owner)
+                return self._provision(taken)
+        return None
 
     def acquire_provisioning(self, owner, *, now):
-        """For `bootstrap`: a lapsed provisioning lease, or the first config's when the run has
-        no group yet (nothing PROVISIONING or RUNNING and something WAITING)."""
+        """For `bootstrap`: the provisioning leases that lapsed, and with max_vcpus as many
+        WAITING configs as its free vCPUs hold (without it, the first config's when the run
+        has no group yet: nothing PROVISIONING or RUNNING)."""
+        provisions = []
         with self._write() as db:
-            provision = self._take_over_provisioning(db, owner, now)
-            if provision is None and self.settings["provider"] != "none":
-                active = db.execute(SQL["configs_active"]).fetchone()[0]
-                if not active:
-                    provision = self._lease_next_waiting(db, owner, now)
-                    if provision is not None:
-                        self._event(db, now, "handoff", provision["config"], owner, {"from": None})
-        return {"provision": provision}
-
+            while (provision := self._take_over_provisioning(db, owner, now)) is not None:
+                provisions.append(provision)
+            if self.settings["provider"] != "none" and (
+                    self._max_vcpus(db) is not None or not provisions
+                    and not db.execute(SQL["configs_active"]).fetchone()[0]):
+                provisions += self._hand_off(db, owner, now, source=None)
+        return _provisions(provisions)
     def provisioned(self, provision_token, *, now, worker_id=None):
         """The holder of a provisioning lease created the group. Repeating it is harmless."""
         with self._write() as db:
@@ -841,13 +931,21 @@ class Store:
         totals = dict.fromkeys(["total", *fields, "expired"], 0)
         out = []
         for row in configs:
+            holds = row["state"] in (st.PROVISIONING, st.RUNNING)
             entry = {"name": row["name"], "cores": row["cores"], "memory_gb": _number(row["memory_gb"]),
                      "state": row["state"], **per_config[row["id"]], "expired": expired.get(row["id"], 0),
-                     "sequence": row["sequence"], "group_size": row["group_size"]}
+                     "sequence": row["sequence"], "group_size": row["group_size"],
+                     "vms": row["vms"] if holds else 0, "vcpus": row["cores"] * row["vms"] if holds else 0}
             for key in totals:
                 totals[key] += entry[key]
             out.append(entry)
         return {"configs": out, "totals": totals}
+
+    def vcpus(self):
+        """What the groups may hold (`limit`: max_vcpus, None: configs one after another) and
+        hold now (`in_use`), in vCPUs."""
+        with self._read() as db:
+            return {"limit": self._max_vcpus(db), "in_use": db.execute(SQL["vcpus_in_use"]).fetchone()[0]}
 
     def config_state(self, name):
         """One config's state (WAITING, PROVISIONING, RUNNING or DONE): a poll of one row."""
@@ -978,6 +1076,22 @@ class Store:
         db.execute(SQL["event_add"], (now, kind, config, worker, json.dumps(detail or {})))
 
 
+def _provisions(provisions):
+    """An answer's provisioning leases: `provisions`, all of them, and `provision`, the first
+    (or None), as answers had it before configs ran concurrently."""
+    return {"provision": provisions[0] if provisions else None, "provisions": provisions}
+
+
+def _vms_that_fit(cores, group_size, limit, free):
+    """The VMs a config's group is given: all of group_size without a limit; else as many as
+    the `free` vCPUs of `limit` hold, and one when nothing is held at all (a run never stalls;
+    a shape bigger than the limit is refused when the run is made). 0: it must wait."""
+    if limit is None:
+        return group_size
+    fits = min(group_size, free // cores)
+    return 1 if fits < 1 and free >= limit else max(fits, 0)
+
+
 def idle_fraction(worker_seconds, busy_seconds):
     """The share of workers' alive seconds not spent running a command (None: nobody lived)."""
     if worker_seconds <= 0:
@@ -1004,14 +1118,26 @@ def _last_line(text):
 
 @functools.cache
 def schema_definition(table):
-    """The CREATE TABLE statement SQLite keeps for `table` of schema.sql."""
+    """The CREATE TABLE statement SQLite keeps for `table` of schema.sql, and its columns."""
     conn = sqlite3.connect(":memory:")
     try:
         for statement in _statements(schema_sql()):
             conn.execute(statement)
-        return conn.execute(SQL["table_definition"], (table,)).fetchone()[0]
+        columns = tuple(row[0] for row in conn.execute(SQL["table_columns"], (table,)))
+        return conn.execute(SQL["table_definition"], (table,)).fetchone()[0], columns
     finally:
         conn.close()
+
+
+def _add_new_columns(db, table):
+    """The columns schema.sql gives `table` and an older database's lacks, added as schema.sql
+    writes them (one column a line there)."""
+    definition, columns = schema_definition(table)
+    present = {row[0] for row in db.execute(SQL["table_columns"], (table,))}
+    for line in definition.splitlines():
+        words = line.split(None, 1)
+        if words and words[0] in columns and words[0] not in present:
+            db.execute(f'ALTER TABLE "{table}" ADD COLUMN {line.strip().rstrip(",")}')
 
 
 def _set_aside_if_changed(db, table):
@@ -1019,7 +1145,7 @@ def _set_aside_if_changed(db, table):
     way, its indexes and triggers dropped (schema.sql makes them anew on the new table), and
     the name it now has returned; None when there is nothing to rebuild."""
     stored = db.execute(SQL["table_definition"], (table,)).fetchone()
-    if stored is None or stored[0] == schema_definition(table):
+    if stored is None or stored[0] == schema_definition(table)[0]:
         return None
     for kind, name in db.execute(SQL["objects_on_table"], (table,)).fetchall():
         db.execute(f'DROP {kind.upper()} "{name}"')

@@ -12,8 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from . import states as st
-from .overview import (COUNT_COLUMNS, LEASE_COLUMNS, PROGRESS_COLUMNS, event_rows, hidden_summary, idle_text,
-                       lease_rows, leases_text, mean_text, progress_cells, progress_text, provisioning_text,
+from .overview import (COUNT_COLUMNS, LEASE_COLUMNS, PROGRESS_COLUMNS, account_text, event_rows, hidden_summary,
+                       idle_text, lease_rows, leases_text, mean_text, progress_cells, progress_text, provisioning_text,
                        replication_text, visible_configs)
 
 STATE_STYLE = {st.WAITING: "dim", st.PROVISIONING: "yellow", st.RUNNING: "bold cyan", st.CONFIG_DONE: "green"}
@@ -58,6 +58,8 @@ def status_view(status, *, show_all=False):
         parts.append(Text(progress_text(status), style="bold"))
     if status.get("idle", {}).get("idle_fraction") is not None:
         parts.append(Text(idle_text(status["idle"]), style="dim"))
+    if account_text(status):
+        parts.append(Text(account_text(status), style="red" if status["spend"]["stopped"] else "dim"))
     for provision in status.get("provisioning", ()):
         parts.append(Text(provisioning_text(provision), style="yellow"))
     if status.get("leases"):

@@ -98,14 +98,17 @@ class Worker:
             answer = self._call("claim", **shape)
             if answer is None:
                 break
-            if answer["provision"]:
-                self.provision_holding(answer["provision"], answer["experiment"])
+            if provisions_of(answer):
+                self.provision_holding(provisions_of(answer), answer["experiment"])
             if answer["experiment"]:
                 if self.vm_facts is not None and "boot_to_claim_seconds" not in self.vm_facts:
                     self.vm_facts["boot_to_claim_seconds"] = confine.uptime_seconds()
                 self.run_experiment(answer["experiment"])
                 idle = IDLE_BACKOFF[0]
                 continue
+            if answer.get("stop"):
+                self.stop_for_budget(answer)
+                return 0
             if answer.get("leave") and self.leave_group(answer["config"]):
                 return 0
             if answer["config_done"] and not answer["handoff_pending"]:
@@ -217,8 +220,8 @@ class Worker:
         except LeaseLost as exc:
             log.warning("report refused: %s", exc)
             return
-        if answer and answer.get("provision"):
-            self.provision(answer["provision"])
+        if answer and provisions_of(answer):
+            self.provision_all(provisions_of(answer))
 
     def _release(self, token):
         try:
@@ -257,6 +260,28 @@ class Worker:
             return
         self.sweep_templates(provider)
 
+    def provision_all(self, provisions):
+        """Create the groups of several configs handed off at once, side by side (creating a
+        cloud group means waiting for its first VM)."""
+        if len(provisions) == 1:
+            self.provision(provisions[0])
+            return
+        threads = [threading.Thread(target=self.provision, args=(provision,), name=f"provision-{provision['config']}")
+                   for provision in provisions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def stop_for_budget(self, answer):
+        """Spend reached the run's budget: nothing more is claimed. The last of the config's
+        workers to run something removes its group; the others leave it."""
+        log.warning("%s; this worker stops", answer["stop"])
+        if answer.get("remove_group"):
+            self.remove_own_group(answer["config"])
+        else:
+            self.leave_group(answer["config"])
+
     def sweep_templates(self, provider):
         """What finished configs' groups left behind (a gce template), swept by the provisioner."""
         status = self._call("status")
@@ -281,14 +306,14 @@ class Worker:
         log.info("nothing left to claim in %s and enough idle workers stay; leaving the group", config)
         return True
 
-    def provision_holding(self, provision, experiment):
-        """Provision the next group; with pre-warming the same answer gave an experiment, whose
+    def provision_holding(self, provisions, experiment):
+        """Provision the next groups; with pre-warming the same answer gave an experiment, whose
         lease is renewed meanwhile (creating a cloud group can outlast a lease period)."""
         if experiment is None:
-            self.provision(provision)
+            self.provision_all(provisions)
             return
         with LeaseKeeper(self.client, self.lease_seconds, lease_token=experiment["lease_token"]):
-            self.provision(provision)
+            self.provision_all(provisions)
 
     def remove_own_group(self, config):
         """The config is finished and handed off: remove the group this worker belongs to.
@@ -310,6 +335,14 @@ class Ended(NamedTuple):
     wall: float
     host: dict
     error: str | None
+
+
+def provisions_of(answer):
+    """The provisioning leases of a claim/complete/fail answer: `provisions`, or from a server
+    older than concurrent configs its one `provision`."""
+    if "provisions" in answer:
+        return answer["provisions"]
+    return [answer["provision"]] if answer.get("provision") else []
 
 
 def provision_group(client, provider, provision, owner, *, call=None):

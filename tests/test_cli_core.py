@@ -321,6 +321,8 @@ def test_settings_are_stored_typed(cli_env, csv_plan):
                     "--max-interruptions", 7, "--set", "command=python sim.py --fast")
     assert result.exit_code == 0, result.output
     stored = {row["key"]: json.loads(row["value"]) for row in rows(cli_env / "run.db", "SELECT * FROM settings")}
+    # The local provider's default max_vcpus: this machine's cores, at least the plan's biggest shape.
+    assert stored.pop("max_vcpus") >= 4  # the CSV plan's biggest shape
     assert stored == {"provider": "local", "confine": "none", "lease_seconds": 30, "max_failures": 5,
                       "max_interruptions": 7,
                       "command": ["python", "sim.py", "--fast"]}

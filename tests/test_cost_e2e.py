@@ -19,9 +19,11 @@ A, B = (1, 1), (1, 2)
 
 
 def test_prewarm_boots_the_next_group_during_the_tail_and_idle_workers_leave(run, tmp_path):
-    # A: one long experiment (the tail) and quick ones for a group of 3; B after it.
+    # A: one long experiment (the tail) and quick ones for a group of 3, which holds all of
+    # max_vcpus; B after it, in the vCPUs A's idle workers give back as they leave.
     rows = (shape_rows(A, 1, 3, sleep=4.0) + shape_rows(A, 5, 3, sleep=0.1) + shape_rows(B, 2, 1, sleep=0.1))
-    init(run, rows, provider="local", command=job_command(tmp_path), lease_seconds=2, prewarm=True, shrink=True)
+    init(run, rows, provider="local", command=job_command(tmp_path), lease_seconds=2, prewarm=True, shrink=True,
+         max_vcpus=3)
     bootstrap(run)
     wait_for(lambda: all_done(run), timeout=60, what="every config DONE")
     assert_done_exactly_once(run)

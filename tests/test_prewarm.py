@@ -191,7 +191,7 @@ def test_a_worker_keeps_its_fresh_lease_alive_while_it_provisions_the_next_group
     worker.lease_seconds = 0.3  # renewed every 0.1 s
     provision = {"config": "c4-m8", "cores": 4, "memory_gb": 8, "group_size": 1, "provision_token": "p",
                  "lease_seconds_left": 300}  # not renewed in the test's fraction of a second
-    worker.provision_holding(provision, {"lease_token": "t"})
+    worker.provision_holding([provision], {"lease_token": "t"})
     renewals = [args for op, args in calls if op == "renew"]
     assert len(renewals) >= 2 and all(args == {"lease_token": "t"} for args in renewals)
     assert ("provisioned", {"provision_token": "p", "worker_id": "w1"}) in calls

@@ -29,8 +29,9 @@ class GroupSpec:
 
     @classmethod
     def from_config(cls, config):
-        """From an entry of the status object's `configs`."""
-        return cls(config["name"], config["cores"], config["memory_gb"], config["group_size"])
+        """From an entry of the status object's `configs`: the VMs its group was given, or
+        (holding none, or from an older server) its group_size."""
+        return cls(config["name"], config["cores"], config["memory_gb"], config.get("vms") or config["group_size"])
 
     @classmethod
     def from_provision(cls, provision):
@@ -99,6 +100,21 @@ class Provider(Protocol):
         default nothing is left behind."""
         return []
 
+    # The run's own machines, billed beside its groups while it lasts (DESIGN §8), as
+    # (price family, vCPUs, GB) of prices.py: a run served from this machine has none.
+    run_machines: ClassVar[tuple] = ()
+
+    @classmethod
+    def default_max_vcpus(cls, settings, shapes):
+        """max_vcpus when the run sets none (DESIGN §8); None: configs one after another."""
+        return None
+
+    @classmethod
+    def billed_as(cls, settings, cores, memory_gb):
+        """(the prices.py family, spot or not) a worker of this shape is billed as: `local`,
+        standard, by default."""
+        return "local", False
+
     @classmethod
     def check_run(cls, settings, shapes):
         """Refuse, before anything is written, a run this provider cannot serve: `settings` are
@@ -159,10 +175,18 @@ def provider_for(settings, run_dir=None, token=None):
 
 
 def check_run(settings, shapes):
-    """Refuse, before anything is written, a run its provider could not serve."""
+    """Refuse, before anything is written, a run its provider could not serve: a shape whose
+    one VM needs more vCPUs than max_vcpus, or what the provider refuses."""
     kind = settings.get("provider", "none")
-    if kind != "none":
-        provider_class(kind).check_run(settings, shapes)
+    if kind == "none":
+        return
+    limit = settings.get("max_vcpus")
+    too_big = sorted({cores for cores, _ in shapes if limit is not None and cores > limit})
+    if too_big:
+        raise BadInput(f"{len(too_big)} core count(s) of the plan need more vCPUs for one VM than max_vcpus"
+                       f" ({limit}) allows: {', '.join(map(str, too_big[:8]))}",
+                       hint="raise max_vcpus (--set max_vcpus=N), or shrink those rows in the plan")
+    provider_class(kind).check_run(settings, shapes)
 
 
 def refuse_flags(options, taken, phrase):

@@ -44,6 +44,12 @@ class LocalProvider(Provider):
         return cls(run_dir, server=settings.get("server"))
 
     @classmethod
+    def default_max_vcpus(cls, settings, shapes):
+        """This machine's cores (the CPUs it lets this process use); at least the biggest shape,
+        which `confine=none` lets run on a smaller machine."""
+        return max([len(os.sched_getaffinity(0)), *(cores for cores, _ in shapes)])
+
+    @classmethod
     def check_run(cls, settings, shapes):
         """A shape bigger than this machine is refused, unless the run goes unconfined; so is
         `confine=cgroup` where no cgroup tree is writable."""

@@ -250,6 +250,20 @@ class GceProvider(Provider):
         return cls(settings, token)
 
     check_run = staticmethod(check_run)
+    # The database VM: an e2-small is billed as half of its 2 shared vCPUs, with 2 GB.
+    run_machines = (("e2", 0.5, 2.0),)
+
+    @classmethod
+    def billed_as(cls, settings, cores, memory_gb):
+        """The family of the shape's custom machine type (n2-custom-4-16384 -> n2, custom-1-... ->
+        n1), spot unless the run says otherwise."""
+        spot = settings.get("spot", DEFAULTS["spot"])
+        try:
+            machine_type = custom_machine_type(cores, memory_gb, settings.get("machine_family"))
+        except UnservableShape:
+            return "n2", spot
+        prefix = machine_type.partition("-")[0]
+        return ("n1" if prefix == "custom" else prefix), spot
 
     @classmethod
     def bootstrap_run(cls, run, plan_file, settings, options, *, echo):
