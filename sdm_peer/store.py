@@ -247,9 +247,12 @@ _INTERRUPT = """UPDATE experiments SET
 # as :to (and :gave_up: FAILED, when a budget ran out), so it writes only what _move checked.
 # Renewals write no status (a rewritten status would rewrite four indexes on every renewal).
 MOVES = {
+    # The first claimable experiment of the config, found and leased in one statement (its
+    # subquery is claim_next's, a seek in the partial index `experiments_claimable`).
     "claim": ("experiments", "claim", """UPDATE experiments SET status = :to, lease_owner = :worker,
             lease_token = :token, lease_expires_at = :expires, attempts = attempts + 1, updated_at = :now
-        WHERE id = :id AND {leaving} RETURNING id"""),
+        WHERE id = (SELECT id FROM experiments WHERE config = :config AND {leaving} ORDER BY id LIMIT 1)
+        RETURNING id, key, params, attempts"""),
     # A lease the worker already holds in the config, handed to it again.
     "reissue": ("experiments", "renew", """UPDATE experiments SET lease_expires_at = :expires, updated_at = :now
         WHERE id = (SELECT id FROM experiments WHERE config = :config AND {leaving}
@@ -516,10 +519,9 @@ class Store:
                 return {**_provisions(provisions), **self._progress(db, config["id"], now), "experiment": None,
                         "leave": False, "stop": stop,
                         "remove_group": not db.execute(SQL["leases_of_config"], (config["id"],)).fetchone()[0]}
-            row = None if experiment else db.execute(SQL["claim_next"], {"config": config["id"]}).fetchone()
-            if row is not None:
-                experiment = self._start(db, row, config, worker_id, now, lease_seconds)
-                if self.settings["prewarm"]:
+            if experiment is None:
+                experiment = self._start(db, config, worker_id, now, lease_seconds)
+                if experiment is not None and self.settings["prewarm"]:
                     provisions += self._prewarm(db, config, worker_id, now)
             if not provisions:
                 provisions = [provision for provision in [self._take_over_provisioning(db, worker_id, now)]
@@ -577,12 +579,15 @@ class Store:
         return {"key": row["key"], "params": json.loads(row["params"]), "lease_token": row["lease_token"],
                 "lease_seconds_left": lease_seconds, "attempt": row["attempts"]}
 
-    def _start(self, db, row, config, worker_id, now, lease_seconds):
+    def _start(self, db, config, worker_id, now, lease_seconds):
+        """Lease the config's first claimable experiment to the worker (None: nothing is claimable)."""
         token = secrets.token_urlsafe(18)
-        self._move(db, "claim", {"worker": worker_id, "token": token, "expires": now + lease_seconds, "now": now,
-                                 "id": row["id"]},
-                   to=st.STARTED, refusal=st.IllegalTransition("claim raced inside its own write transaction"))
-        number = row["attempts"] + 1
+        moved = self._move(db, "claim", {"worker": worker_id, "token": token, "expires": now + lease_seconds,
+                                         "now": now, "config": config["id"]}, to=st.STARTED)
+        if not moved:
+            return None
+        (row,) = moved
+        number = row["attempts"]
         db.execute(SQL["attempt_add"], (row["id"], number, worker_id, token, now))
         if config["state"] in FIRST_CLAIM_FROM:
             # A worker of this shape is proof that its group exists.

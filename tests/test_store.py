@@ -150,7 +150,7 @@ HOT_STATEMENTS = {
     "config_of_shape": "sqlite_autoindex_configs_4",
     "claim_next": "experiments_claimable",
     "reissue": "experiments_lease_owner",  # held by this worker already?
-    "claim": None,
+    "claim": "experiments_claimable",  # finds and leases the next one in one statement
     "expired_leases": "experiments_leased",
     "expire": None,
     "next_expiry": "experiments_leased",
