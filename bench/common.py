@@ -54,6 +54,36 @@ def make_run(path, experiments, **settings):
     return run
 
 
+def make_large_run(path, experiments, leases):
+    """A run of one config with `experiments` experiments, the first `leases` of them STARTED
+    with a live lease (an hour left, an attempt row each, distinct holders): built with one
+    INSERT ... SELECT from a recursive CTE per table after `init` made the config, since going
+    through the store one claim at a time would take minutes."""
+    import sqlite3
+
+    run = make_run(path, 1)  # a plan cannot be empty: its one experiment is replaced
+    now = time.time()
+    with sqlite3.connect(run.db) as db:
+        db.execute("PRAGMA synchronous=OFF")
+        config = db.execute("SELECT id FROM configs").fetchone()[0]
+        db.execute("DELETE FROM experiments")
+        db.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :experiments) "
+            "INSERT INTO experiments (id, key, config, params, status, lease_owner, lease_token, lease_expires_at, "
+            "attempts, updated_at) "
+            "SELECT i, 'large-' || i, :config, json_object('i', i), "
+            "CASE WHEN i <= :leases THEN 'STARTED' ELSE 'NOT STARTED' END, "
+            "CASE WHEN i <= :leases THEN 'holder-' || i END, CASE WHEN i <= :leases THEN 'lease-' || i END, "
+            "CASE WHEN i <= :leases THEN :expires END, CASE WHEN i <= :leases THEN 1 ELSE 0 END, :now FROM n",
+            {"experiments": experiments, "leases": leases, "config": config, "expires": now + 3600, "now": now})
+        db.execute("INSERT INTO attempts (experiment, number, worker, lease_token, claimed_at) "
+                   "SELECT id, 1, lease_owner, lease_token, :now FROM experiments WHERE status = 'STARTED'",
+                   {"now": now})
+        db.execute("UPDATE configs SET state = 'RUNNING'")
+    sqlite3.connect(run.db).execute("VACUUM").connection.close()
+    return run
+
+
 def copy_run(template, path):
     """A fresh copy of a template run's database and token (the template is closed, so its WAL
     is checkpointed into the file)."""

@@ -51,7 +51,7 @@ class Connection:
 def _cycle_thread(job, ready, go, start, report):
     """Claim+complete until the window ends, the cycle limit is reached or nothing is left."""
     worker_id = job["worker_id"]
-    latencies, cycles, exhausted, error = [], 0, False, None
+    latencies, cycles, worst, exhausted, error = [], 0, 0.0, False, None
     connection = None
     try:
         connection = Connection(job["address"], job["token"])
@@ -60,7 +60,8 @@ def _cycle_thread(job, ready, go, start, report):
         error = f"connect: {exc!r}"
     ready.put(worker_id)
     if not go.wait(READY_TIMEOUT) or error:
-        report.append({"cycles": 0, "latencies": [], "exhausted": False, "error": error or "never started"})
+        report.append({"cycles": 0, "latencies": [], "worst": 0.0, "exhausted": False,
+                       "error": error or "never started"})
         return
     end = start.value + job["duration"]
     clock = time.perf_counter
@@ -78,11 +79,12 @@ def _cycle_thread(job, ready, go, start, report):
             if time.time() <= end:
                 cycles += 1
                 latencies += (t1 - t0, t2 - t1)
+                worst = max(worst, t2 - t0)
     except Exception as exc:  # noqa: BLE001
         error = repr(exc)
     finally:
         connection.close()
-    report.append({"cycles": cycles, "latencies": latencies, "exhausted": exhausted, "error": error})
+    report.append({"cycles": cycles, "latencies": latencies, "worst": worst, "exhausted": exhausted, "error": error})
 
 
 def _renew_thread(job, ready, go, start, report):

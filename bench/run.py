@@ -29,16 +29,18 @@ SIZES = {
     "adjacent_full_seconds": (2.0, 10.0),  # the same, for the baselines measured right before a section
     "template": (30_000, 150_000),  # experiments in the database each socket run gets a copy of
     "socket_seconds": (2.5, 10.0),  # measured window of each socket run
-    "clients": ((1, 16, 64, 256), (1, 16, 64, 256)),
+    "clients": ((1, 16, 64, 256, 1024), (1, 16, 64, 256, 1024)),
     "socket_repeats": (1, 3),  # runs of each socket figure; the median run (by cycles/s) is shown
+    "large": ((200_000, 20_000), (1_000_000, 100_000)),  # the scale section's database: experiments, live leases
     "renew_seconds": (5.0, 20.0),
     "memory_cycles": (20_000, 100_000),
     "recovery_rounds": (2, 5),
     "handoff_configs": (3, 5),
     "init_repeat": (1, 3),
 }
-SECTIONS = ("raw", "store", "socket", "renew", "memory", "peers", "recovery", "handoff", "init", "raw_again")
+SECTIONS = ("raw", "store", "socket", "scale", "renew", "memory", "peers", "recovery", "handoff", "init", "raw_again")
 RENEW = {"leases": 10_000, "connections": 100, "rate": 500}
+SCALE_CLIENTS = 16
 LEASE_SECONDS = 2.0  # the recovery run's lease
 
 
@@ -93,6 +95,24 @@ def section_socket(ctx):
             out[name] = {**runs[len(runs) // 2], "all_cycles_per_s": [run["cycles_per_s"] for run in runs]}
             print(f"  socket {name}: {', '.join(f'{run:,.0f}' for run in out[name]['all_cycles_per_s'])} "
                   f"cycles/s", file=sys.stderr)
+    return out
+
+
+def section_scale(ctx):
+    """The 16-client cycle on the usual template, then on a large database with many live leases."""
+    import socket_service
+    from common import make_large_run
+
+    experiments, leases = ctx.size("large")
+    began = time.time()
+    large = make_large_run(ctx.scratch / "large-template", experiments, leases)
+    out = {"experiments": experiments, "leases": leases, "build_s": time.time() - began,
+           "baseline": ctx.baseline("NORMAL")}
+    for name, template in (("small", ctx.template()), ("large", large)):
+        out[name] = socket_service.cycles(template, ctx.scratch / f"scale-{name}", SCALE_CLIENTS, durable=False,
+                                          duration=ctx.size("socket_seconds"))
+        print(f"  scale {name}: {out[name]['cycles_per_s']:,.0f} cycles/s", file=sys.stderr)
+    shutil.rmtree(large.path)
     return out
 
 
@@ -208,6 +228,17 @@ def _base(section, mode):
     return value, (f"raw {mode.upper()} {_rate(value)}, just before" if value else "—")
 
 
+def _cycle_value(run):
+    """Cycles/s, latency, worst cycle, jobs per client and server CPU of one socket run."""
+    cpu, low_high = run["server_cpu_percent"], run.get("jobs_per_client")
+    value = f"{_rate(run['cycles_per_s'])}; p50 {_ms(run['p50_ms'])}, p99 {_ms(run['p99_ms'])}"
+    if run.get("worst_cycle_ms") is not None:
+        value += f", worst cycle {_ms(run['worst_cycle_ms'])}"
+    if low_high and run["clients"] > 1 and run.get("jobs_spread_percent") is not None:
+        value += f"; jobs per client {low_high[0]:,}–{low_high[1]:,} (±{run['jobs_spread_percent']:.0f} %)"
+    return value + (f"; server CPU {cpu:.0f} %" if cpu is not None else "")
+
+
 def table(results, clients):
     """Rows of (figure, value, baseline, ratio)."""
     rows = []
@@ -238,13 +269,21 @@ def table(results, clients):
             if not run:
                 continue
             mode = "`--durable`" if durable else "default"
-            cpu = run["server_cpu_percent"]
-            value = (f"{_rate(run['cycles_per_s'])}; p50 {_ms(run['p50_ms'])}, p99 {_ms(run['p99_ms'])}"
-                     + (f"; server CPU {cpu:.0f} %" if cpu is not None else ""))
+            value = _cycle_value(run)
             if run["exhausted"] or run["errors"]:
                 value += " (ran out of experiments)" if run["exhausted"] else f" (errors: {run['errors'][0]})"
             rows.append((f"socket service, {mode}, {count} client{'s' if count > 1 else ''} ³", value, text,
                          _ratio(run["cycles_per_s"], base)))
+    scale = results.get("scale")
+    if scale:
+        base, text = _base(scale, "normal")
+        small = scale["small"]
+        rows.append((f"socket service, {SCALE_CLIENTS} clients, {results['sizes']['template']:,} experiments, "
+                     "no lease ¹⁰", _cycle_value(small), text, _ratio(small["cycles_per_s"], base)))
+        rows.append((f"socket service, {SCALE_CLIENTS} clients, {scale['experiments']:,} experiments, "
+                     f"{scale['leases']:,} live leases ¹⁰", _cycle_value(scale["large"]),
+                     f"the same on the small database {_rate(small['cycles_per_s'])}",
+                     _ratio(scale["large"]["cycles_per_s"], small["cycles_per_s"])))
     renew = results.get("renew")
     if renew:
         raw_renew = renew["baseline"]["normal"].get("renew_per_s")
@@ -319,7 +358,8 @@ FOOTNOTES = """\
   N clients = N connections, one request in flight each, in up to 8 client processes (threads inside), framed with
   sdm_peer.protocol on plain sockets (not the retrying Client). Each client says `hello`, then the clock starts:
   claim then complete for {socket_seconds:g} s. Cycles/s = cycles finished in the window / window; p50/p99 over
-  every claim and complete request in it; server CPU = its user+system time over the window (100 % = one core).
+  every claim and complete request in it; worst cycle = the longest claim + complete of any client; jobs per client
+  = the fewest and most cycles one client finished, ± = the larger distance of the two from the mean; server CPU = its user+system time over the window (100 % = one core).
   The clients share the 2 cores with the server. Baseline: raw NORMAL (default) or raw FULL (`--durable`).
 ⁴ {leases:,} experiments claimed through the store (distinct worker ids) before the server starts
   (`--lease-seconds 3600`); {connections} connections renew them round-robin at {rate_each:g}/s each ({rate}/s in
@@ -347,7 +387,11 @@ FOOTNOTES = """\
   first claim of its group: a supervisor and 2 worker processes started in between). Baseline: one CLI start-up.
 ⁹ bench/init_status.py's plan (84,400 experiments over 2,000 shapes, CSV): `sdm-peer init DB --plan FILE` on a new
   database, then `sdm-peer status --db DB --json` (median of {init_repeat}), as processes. Baseline: `sdm-peer
-  --help` (interpreter + CLI start-up, median of 3)."""
+  --help` (interpreter + CLI start-up, median of 3).
+¹⁰ The socket cycle of ³ ({scale_clients} clients, default mode) on a copy of the usual database, then on a copy of
+  one of {large_experiments:,} experiments of one config whose first {large_leases:,} are STARTED with an hour of
+  lease left (an attempt row each, distinct holders), made once by INSERT ... SELECT from a recursive CTE. Baseline
+  of the large one: the small one, right before it (1.00 = flat)."""
 
 
 def print_report(results, ctx):
@@ -366,7 +410,8 @@ def print_report(results, ctx):
                            socket_seconds=ctx.size("socket_seconds"), renew_seconds=ctx.size("renew_seconds"),
                            rate_each=RENEW["rate"] / RENEW["connections"], lease=LEASE_SECONDS,
                            renew_every=LEASE_SECONDS / 3, handoff_configs=ctx.size("handoff_configs"),
-                           init_repeat=ctx.size("init_repeat"), full_seconds=ctx.size("full_seconds"),
+                           init_repeat=ctx.size("init_repeat"), scale_clients=SCALE_CLIENTS,
+                           large_experiments=ctx.size("large")[0], large_leases=ctx.size("large")[1], full_seconds=ctx.size("full_seconds"),
                            adjacent_full_seconds=ctx.size("adjacent_full_seconds"),
                            socket_note=(f"Socket figures: the median of {ctx.size('socket_repeats')} runs."
                                         if ctx.size("socket_repeats") > 1 else "Socket figures: one run each."),

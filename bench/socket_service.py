@@ -56,11 +56,23 @@ class CpuWindow:
 
 def _summary(reports, duration):
     latencies = [value for report in reports for value in report["latencies"]]
-    cycles = sum(report["cycles"] for report in reports)
+    per_client = [report["cycles"] for report in reports]
+    cycles = sum(per_client)
     return {"cycles": cycles, "cycles_per_s": cycles / duration,
             "p50_ms": _ms(percentile(latencies, 0.50)), "p99_ms": _ms(percentile(latencies, 0.99)),
+            "worst_cycle_ms": _ms(max((report["worst"] for report in reports), default=None)),
+            "jobs_per_client": [min(per_client, default=0), max(per_client, default=0)],
+            "jobs_spread_percent": _spread(per_client),
             "requests": len(latencies), "exhausted": any(report["exhausted"] for report in reports),
             "errors": sorted({report["error"] for report in reports if report["error"]})[:5]}
+
+
+def _spread(per_client):
+    """How far the busiest and the idlest client are from the mean, in % of it (the larger)."""
+    if not per_client or not sum(per_client):
+        return None
+    mean = sum(per_client) / len(per_client)
+    return 100.0 * max(max(per_client) - mean, mean - min(per_client)) / mean
 
 
 def _ms(seconds):
