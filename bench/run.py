@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ SIZES = {
     "clients": ((1, 16, 64, 256, 1024), (1, 16, 64, 256, 1024)),
     "socket_repeats": (1, 3),  # runs of each socket figure; the median run (by cycles/s) is shown
     "large": ((200_000, 20_000), (1_000_000, 100_000)),  # the scale section's database: experiments, live leases
+    "scale_rounds": (2, 4),  # rounds of the scale section, each one run on each database
     "renew_seconds": (5.0, 20.0),
     "memory_cycles": (20_000, 100_000),
     "recovery_rounds": (2, 5),
@@ -108,10 +110,25 @@ def section_scale(ctx):
     large = make_large_run(ctx.scratch / "large-template", experiments, leases)
     out = {"experiments": experiments, "leases": leases, "build_s": time.time() - began,
            "baseline": ctx.baseline("NORMAL")}
-    for name, template in (("small", ctx.template()), ("large", large)):
-        out[name] = socket_service.cycles(template, ctx.scratch / f"scale-{name}", SCALE_CLIENTS, durable=False,
-                                          duration=ctx.size("socket_seconds"))
-        print(f"  scale {name}: {out[name]['cycles_per_s']:,.0f} cycles/s", file=sys.stderr)
+    # Unmeasured: the first server run after the raw baseline ran up to a third slower than the
+    # next in alternating A/B rounds; and the machine drifts, so the two databases alternate
+    # (small, large, then large, small, ...) and each round gives one ratio.
+    socket_service.cycles(ctx.template(), ctx.scratch / "scale-warm-up", SCALE_CLIENTS, durable=False,
+                          duration=1.0)
+    runs = {"small": [], "large": []}
+    for number in range(ctx.size("scale_rounds")):
+        order = ("small", "large") if number % 2 == 0 else ("large", "small")
+        for name in order:
+            template = ctx.template() if name == "small" else large
+            runs[name].append(socket_service.cycles(template, ctx.scratch / f"scale-{name}-{number}", SCALE_CLIENTS,
+                                                    durable=False, duration=ctx.size("socket_seconds")))
+        print(f"  scale round {number}: small {runs['small'][-1]['cycles_per_s']:,.0f}, "
+              f"large {runs['large'][-1]['cycles_per_s']:,.0f} cycles/s", file=sys.stderr)
+    for name, measured in runs.items():
+        out[name] = {**sorted(measured, key=lambda run: run["cycles_per_s"])[len(measured) // 2],
+                     "all_cycles_per_s": [run["cycles_per_s"] for run in measured]}
+    out["round_ratios"] = [large_run["cycles_per_s"] / small_run["cycles_per_s"]
+                           for small_run, large_run in zip(runs["small"], runs["large"])]
     shutil.rmtree(large.path)
     return out
 
@@ -153,8 +170,6 @@ def section_handoff(ctx):
 
 
 def section_init(ctx):
-    import statistics
-
     import init_status
 
     command = init_status.sdm_peer_command()
@@ -172,8 +187,6 @@ def section_init(ctx):
 
 def cli_startup(repeat=3):
     """`sdm-peer --help`: interpreter and CLI start-up, the floor of any command or worker."""
-    import statistics
-
     import init_status
 
     command = init_status.sdm_peer_command()
@@ -283,7 +296,7 @@ def table(results, clients):
         rows.append((f"socket service, {SCALE_CLIENTS} clients, {scale['experiments']:,} experiments, "
                      f"{scale['leases']:,} live leases ¹⁰", _cycle_value(scale["large"]),
                      f"the same on the small database {_rate(small['cycles_per_s'])}",
-                     _ratio(scale["large"]["cycles_per_s"], small["cycles_per_s"])))
+                     f"{statistics.median(scale['round_ratios']):.2f}"))
     renew = results.get("renew")
     if renew:
         raw_renew = renew["baseline"]["normal"].get("renew_per_s")
@@ -390,8 +403,9 @@ FOOTNOTES = """\
   --help` (interpreter + CLI start-up, median of 3).
 ¹⁰ The socket cycle of ³ ({scale_clients} clients, default mode) on a copy of the usual database, then on a copy of
   one of {large_experiments:,} experiments of one config whose first {large_leases:,} are STARTED with an hour of
-  lease left (an attempt row each, distinct holders), made once by INSERT ... SELECT from a recursive CTE. Baseline
-  of the large one: the small one, right before it (1.00 = flat)."""
+  lease left (an attempt row each, distinct holders), made once by INSERT ... SELECT from a recursive CTE. After an
+  unmeasured warm-up run, {scale_rounds} rounds, the order of the two databases alternating; the median run of each
+  is shown, and the ratio is the median of the rounds' large ÷ small (1.00 = flat)."""
 
 
 def print_report(results, ctx):
@@ -410,7 +424,7 @@ def print_report(results, ctx):
                            socket_seconds=ctx.size("socket_seconds"), renew_seconds=ctx.size("renew_seconds"),
                            rate_each=RENEW["rate"] / RENEW["connections"], lease=LEASE_SECONDS,
                            renew_every=LEASE_SECONDS / 3, handoff_configs=ctx.size("handoff_configs"),
-                           init_repeat=ctx.size("init_repeat"), scale_clients=SCALE_CLIENTS,
+                           init_repeat=ctx.size("init_repeat"), scale_clients=SCALE_CLIENTS, scale_rounds=ctx.size("scale_rounds"),
                            large_experiments=ctx.size("large")[0], large_leases=ctx.size("large")[1], full_seconds=ctx.size("full_seconds"),
                            adjacent_full_seconds=ctx.size("adjacent_full_seconds"),
                            socket_note=(f"Socket figures: the median of {ctx.size('socket_repeats')} runs."
