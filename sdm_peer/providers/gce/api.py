@@ -68,6 +68,8 @@ class ComputeApi:
             self.firewalls = compute_v1.FirewallsClient(**options)
             self.zone_operations = compute_v1.ZoneOperationsClient(**options)
             self.global_operations = compute_v1.GlobalOperationsClient(**options)
+            self.regions = compute_v1.RegionsClient(**options)
+            self.projects = compute_v1.ProjectsClient(**options)
         except Exception as exc:  # google.auth's DefaultCredentialsError and kin
             raise ProviderError(f"cannot use Compute Engine: {exc}",
                                 hint="run `gcloud auth application-default login`") from None
@@ -82,6 +84,24 @@ class ComputeApi:
         return {"credentials": AnonymousCredentials(), "client_options": {"api_endpoint": url}}
 
     # ------------------------------------------------------------ the calls
+
+    def quotas(self, region):
+        """{metric: quotas.Quota} of the region (`regions.get`) and the project (`projects.get`)."""
+        from google.api_core import exceptions
+
+        from .quotas import Quota
+
+        found = {}
+        for where, what, method, request in (
+                ("the project", "reading the project's quotas", self.projects.get, {}),
+                (f"region {region}", f"reading the quotas of region {region}", self.regions.get, {"region": region})):
+            try:
+                resource = self._retrying(what, method, project=self.project, **request)
+            except exceptions.GoogleAPICallError as exc:
+                raise provider_error(exc, what) from None
+            found.update((quota.metric, Quota(quota.metric, quota.limit, quota.usage, where))
+                         for quota in resource.quotas)
+        return found
 
     def insert_template(self, body):
         return self._insert("instance template", body["name"], self.templates.insert_unary,
