@@ -134,7 +134,8 @@ class FakeCompute(_Server):
     * Every request body is checked against the compute v1 discovery document and the documented
       rules beyond it (gce_discovery.py): 400 as the API would answer.
     * A managed group's insert is DONE before any VM exists; its VMs appear over time
-      (`vm_delay`), and quota (`quotas`, what regions.get serves), stockouts (`stockouts`: zones)
+      (`vm_delay`), and quota (`quotas`, what regions.get and projects.get serve), stockouts
+      (`stockouts`: zones; `spot_stockouts`: zones without spot VMs)
       and machine types a zone lacks (`missing_families`) show only in listManagedInstances and
       listErrors, retried every `retry_delay` as a group retries. A single VM's insert (the
       database VM) is accepted and its operation ends with the same error instead.
@@ -150,6 +151,7 @@ class FakeCompute(_Server):
         self.networks = {"default": {"name": "default", "autoCreateSubnetworks": True, "subnetworks": {}}}
         self.quotas = {}  # metric -> limit (in every region); not named: DEFAULT_LIMITS, else plenty
         self.stockouts = set()  # zones without capacity
+        self.spot_stockouts = set()  # zones without spot capacity (standard VMs still made)
         self.missing_families = {}  # zone -> machine families it does not offer
         self.operations = {}
         self.requests = []  # (method, path, body) of every request, in order
@@ -490,7 +492,8 @@ class FakeCompute(_Server):
             return ("RESOURCE_NOT_FOUND", f"Invalid value for field 'resource.machineType': 'projects/{project}/"
                                           f"zones/{zone}/machineTypes/{machine_type}'. Machine type with name "
                                           f"'{machine_type}' does not exist in zone '{zone}'.")
-        if zone in self.stockouts:
+        spot = properties.get("scheduling", {}).get("provisioningModel") == "SPOT"
+        if zone in self.stockouts or spot and zone in self.spot_stockouts:
             return ("ZONE_RESOURCE_POOL_EXHAUSTED", f"The zone 'projects/{project}/zones/{zone}' does not have enough "
                                                     "resources available to fulfill the request.  Try a different "
                                                     "zone, or try again later.")
