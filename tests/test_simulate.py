@@ -9,12 +9,17 @@ from sdm_peer.cli import main
 from sdm_peer.simulate import SCENARIOS, simulate
 
 
-def test_small_simulation_finishes_every_scenario_with_sane_measures(tmp_path):
+def simulated(tmp_path, *flags):
+    """`sdm-peer simulate --scale 0.01 FLAGS`: what it printed, and the JSON it wrote."""
     out = tmp_path / "simulate.json"
-    result = CliRunner().invoke(main, ["simulate", "--scale", "0.01", "--seed", "1", "--out", str(out)])
+    result = CliRunner().invoke(main, ["simulate", "--scale", "0.01", *flags, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "| sdm-peer+prewarm+shrink |" in result.output and "seed 1" in result.output
-    outcome = json.loads(out.read_text())
+    return result.output, json.loads(out.read_text())
+
+
+def test_small_simulation_finishes_every_scenario_with_sane_measures(tmp_path):
+    output, outcome = simulated(tmp_path, "--seed", "1")
+    assert "| sdm-peer+prewarm+shrink |" in output and "seed 1" in output
     assert outcome["parameters"]["seed"] == 1 and outcome["parameters"]["experiments"] == 844
     replaced, default, tuned = (next(r for r in outcome["results"] if r["scenario"] == s) for s in SCENARIOS)
     for run in (replaced, default, tuned):  # all done is checked inside: run() refuses otherwise
@@ -34,11 +39,8 @@ def test_without_preemptions_nothing_is_re_run_and_nobody_intervenes():
 
 
 def test_concurrent_configs_within_max_vcpus_beat_one_after_another_against_the_quota_bound(tmp_path):
-    out = tmp_path / "simulate.json"
-    result = CliRunner().invoke(main, ["simulate", "--scale", "0.01", "--max-vcpus", "500", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "| sdm-peer+max_vcpus |" in result.output and "no config refused" in result.output
-    outcome = json.loads(out.read_text())
+    output, outcome = simulated(tmp_path, "--max-vcpus", "500")
+    assert "| sdm-peer+max_vcpus |" in output and "no config refused" in output
     assert outcome["parameters"]["max_vcpus"] == 500 and outcome["parameters"]["experiments"] == 844
     tuned, concurrent = (next(r for r in outcome["results"] if r["scenario"] == s)
                          for s in ("sdm-peer+prewarm+shrink", "sdm-peer+max_vcpus"))
