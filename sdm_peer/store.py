@@ -22,7 +22,7 @@ from pathlib import Path
 import sqlite_utils
 
 from . import prices
-from .providers.base import CAPACITY
+from .providers.base import CAPACITY, run_zones
 from . import settings as settings_mod
 from . import states as st
 from .errors import BadInput, LeaseLost, NoSuchConfig, SdmPeerError
@@ -896,12 +896,12 @@ class Store:
         """The holder of a provisioning lease could not make the group (`error`: why, in one
         line; `cause`: `capacity` when the zone is out of it) and removed it. The cause is
         recorded. Out of capacity, the group moves on (DESIGN §8): to the next of the run's
-        zones, or, spot_fallback_minutes after its first capacity failure, to standard VMs from
-        the first zone again; the holder keeps its lease and is answered `provision` (where to
-        try now, retry_seconds 0). Otherwise the lease is given up until a retry, backed off by
-        the config's failures since its group was last made (spot_fallback_minutes count from the
-        first try since then): the first waits
-        GROUP_RETRY_SECONDS[0], each further one twice as long, at most GROUP_RETRY_SECONDS[1]."""
+        zones, or, spot_fallback_minutes after the first try since its group was last made, to
+        standard VMs from the first zone again; the holder keeps its lease and is answered
+        `provision` (where to try now, retry_seconds 0). Otherwise the lease is given up until a
+        retry, backed off by the config's failures since its group was last made: the first
+        waits GROUP_RETRY_SECONDS[0], each further one twice as long, at most
+        GROUP_RETRY_SECONDS[1]."""
         first, longest = settings_mod.GROUP_RETRY_SECONDS
         with self._write() as db:
             row = db.execute(SQL["provision_held"], (provision_token,)).fetchone()
@@ -1113,10 +1113,10 @@ def _provisions(provisions):
 
 def capacity_fallback(settings, zone, standard, seconds_without):
     """Where a group whose zone is out of capacity tries next, `seconds_without` after the first
-    try at it: (zone, standard, event kind, event detail), or None (wait and try again). The next of the run's zones (`zone`, then `zones`); past the last, standard VMs
-    from the first zone once spot_fallback_minutes have passed."""
-    zones = [settings["zone"], *(z for z in settings.get("zones", []) if z != settings["zone"])] \
-        if settings.get("zone") else []
+    try at it: (zone, standard, event kind, event detail), or None (wait and try again). The
+    next of the run's zones; past the last, standard VMs from the first zone once
+    spot_fallback_minutes have passed."""
+    zones = run_zones(settings)
     here = zone or (zones[0] if zones else None)
     later = zones[zones.index(here) + 1:] if here in zones else []
     if later:

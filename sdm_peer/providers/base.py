@@ -23,6 +23,14 @@ REGISTRY = {
 CAPACITY = "capacity"
 
 
+def run_zones(settings):
+    """Where a run's groups go, in the order tried when one is out of capacity: `zone`, then
+    the rest of `zones`; none for a provider without zones."""
+    if not settings.get("zone"):
+        return []
+    return [settings["zone"], *(zone for zone in settings.get("zones", []) if zone != settings["zone"])]
+
+
 @dataclass(frozen=True)
 class GroupSpec:
     """One config's group: its name, and for creating it the shape and size of its workers."""

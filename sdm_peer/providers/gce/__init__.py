@@ -10,7 +10,7 @@ never babysits VMs."""
 import logging
 
 from ...errors import BadInput, ProviderError, SettingsError
-from ..base import Provider
+from ..base import Provider, run_zones
 from . import cloudinit
 from . import metadata as md
 from .machine_types import FAMILIES, UnservableShape, custom_machine_type
@@ -64,11 +64,6 @@ def internal_dns_name(settings, vm):
 
 def region(zone):
     return zone.rpartition("-")[0]
-
-
-def zones(settings):
-    """Where groups go, in the order tried when one is out of capacity: `zone`, then `zones`."""
-    return [settings["zone"], *(zone for zone in settings.get("zones", []) if zone != settings["zone"])]
 
 
 def image_project(image):
@@ -315,7 +310,7 @@ class GceProvider(Provider):
 
     def _zones_of(self, spec):
         """Where the group may be: its zone when known, else every zone of the run."""
-        return [spec.zone] if spec.zone else zones(self.settings)
+        return [spec.zone] if spec.zone else run_zones(self.settings)
 
     def delete_group(self, spec):
         """The managed group (its VMs go with it), then the template it used; a missing one is
@@ -353,7 +348,7 @@ class GceProvider(Provider):
     def group_zones(self):
         """{name: zone} of the run's managed groups in every zone of the run; None when not
         known (a dry run lists nothing)."""
-        found = {zone: self.api.group_names(run_prefix(self.settings), zone) for zone in zones(self.settings)}
+        found = {zone: self.api.group_names(run_prefix(self.settings), zone) for zone in run_zones(self.settings)}
         if None in found.values():
             return None
         return {name: zone for zone, names in found.items() for name in names}
