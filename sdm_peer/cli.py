@@ -496,16 +496,20 @@ def demo(run_dir, lease_seconds):
 @click.option("--group-size", default=5, show_default=True, type=click.IntRange(min=1), help="VMs per group.")
 @click.option("--preemptions-per-vm-hour", default=0.05, show_default=True, type=click.FloatRange(min=0),
               help="Spot preemption rate of each VM.")
+@click.option("--max-vcpus", type=click.IntRange(min=1), default=None,
+              help="Also run configs concurrently within this many vCPUs, and show each scenario against the "
+                   "quota bound; configs whose one VM needs more are refused up front.")
 @click.option("--out", default="simulate.json", show_default=True, type=click.Path(dir_okay=False),
               help="Where to write the results as JSON.")
-def simulate(scale, seed, group_size, preemptions_per_vm_hour, out):
+def simulate(scale, seed, group_size, preemptions_per_vm_hour, max_vcpus, out):
     """Compare, in simulated time through the real store, the replaced master-polling design,
-    sdm-peer, and sdm-peer with pre-warming and shrinking: makespan, VM-hours billed, idle
-    VM-hours, re-run hours and person interventions."""
+    sdm-peer, and sdm-peer with pre-warming and shrinking (and, with --max-vcpus, configs run
+    concurrently): makespan, VM-hours billed, idle VM-hours, cost, re-run hours and person
+    interventions."""
     from .simulate import simulate as run_simulation, table, write
 
     outcome = run_simulation(scale=scale, seed=seed, group_size=group_size,
-                             preemptions_per_vm_hour=preemptions_per_vm_hour)
+                             preemptions_per_vm_hour=preemptions_per_vm_hour, max_vcpus=max_vcpus)
     write(outcome, out)
     click.echo(table(outcome))
     click.echo(f"written to {out}")

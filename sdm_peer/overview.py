@@ -257,7 +257,8 @@ def event_text(event):
              "budget": (f"budget reached: ${detail.get('usd')} of ${detail.get('budget_usd')}; nothing more is"
                         " provisioned or claimed" if detail.get("stopped")
                         else f"budget raised to ${detail.get('budget_usd')}: the run goes on"),
-             "zone_fallback": f"group {config} moved to zone {detail.get('zone')}: {detail.get('error')}",
+             "zone_fallback": f"group {config} moved from zone {detail.get('from')} to {detail.get('to')}: "
+                              f"{detail.get('cause')}",
              "spot_fallback": f"group {config} made standard: no spot capacity for "
                               f"{duration(detail.get('seconds'))}",
              "server_started": f"server started ({detail.get('leases_extended', 0)} leases extended)"}

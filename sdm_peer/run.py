@@ -66,11 +66,8 @@ def fit_run(db, plan, settings):
     """The new settings, with the provider's default max_vcpus when they give none and DB holds
     none or a smaller one; refused, before anything is written, when the run's provider (as stored, or as now
     set) cannot serve every config's shape, the plan's and those already in DB."""
-    stored, shapes = settings_mod.with_defaults({}), [(config.cores, config.memory_gb) for config in plan.configs]
-    if Path(db).exists():
-        with Store(db, create=False) as store:
-            stored = store.settings
-            shapes += [(config["cores"], config["memory_gb"]) for config in store.status(now=now())["configs"]]
+    stored, configs = stored_and_planned(db, plan)
+    shapes = [(cores, memory_gb) for _, cores, memory_gb in configs]
     full = {**stored, **settings}
     if "max_vcpus" not in settings and full["provider"] != "none":
         # A default follows the plan: a plan that adds a shape bigger than it raises it.
@@ -80,6 +77,17 @@ def fit_run(db, plan, settings):
             settings = {**settings, "max_vcpus": default}
     check_run({**full, **settings}, shapes)
     return settings
+
+
+def stored_and_planned(db, plan):
+    """The settings DB stores (the defaults when there is no DB yet), and every config's (name,
+    cores, memory_gb): the plan's, then those already in DB."""
+    stored, configs = settings_mod.with_defaults({}), [(c.name, c.cores, c.memory_gb) for c in plan.configs]
+    if Path(db).exists():
+        with Store(db, create=False) as store:
+            stored = store.settings
+            configs += [(c["name"], c["cores"], c["memory_gb"]) for c in store.status(now=now())["configs"]]
+    return stored, configs
 
 
 def stored_settings(run):

@@ -31,6 +31,11 @@ CREATE TABLE IF NOT EXISTS configs (
     -- The VMs its group was given (group_size, made smaller to fit max_vcpus): cores x vms is
     -- what it holds of max_vcpus while PROVISIONING or RUNNING; 0 while it holds none.
     vms                  INTEGER NOT NULL DEFAULT 0 CHECK (vms >= 0),
+    -- Where its group goes (gce: a zone of the run's; NULL: the run's `zone`), moved on when the
+    -- zone is out of capacity, and whether it was made standard after spot_fallback_minutes
+    -- without spot capacity (DESIGN §8).
+    zone                 TEXT,
+    standard             INTEGER NOT NULL DEFAULT 0 CHECK (standard IN (0, 1)),
     UNIQUE (cores, memory_gb),
     CHECK (provision_expires_at IS NULL OR provision_token IS NOT NULL)
 );

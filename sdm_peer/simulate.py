@@ -14,6 +14,15 @@ lease, hand-off, pre-warm and shrink logic, not a model of it. Three scenarios:
 * `sdm-peer`: leases (a lapsed one is taken back by the next claim of its config), the worker
   that finishes a config provisions the next group and removes its own.
 * `sdm-peer+prewarm+shrink`: the same with the `prewarm` and `shrink` settings.
+* `sdm-peer+max_vcpus` (with `max_vcpus`): the same, configs running concurrently while their
+  groups fit `max_vcpus`, each finishing config handing off to as many as its freed vCPUs hold
+  (the store's `provisions`). A config whose one VM needs more is refused up front and left out
+  of every scenario (reported in the parameters), as `init` would refuse it.
+
+Each result adds `cost_usd` (every VM's alive time, a minute at least, at the spot price of its
+shape's Compute Engine family in prices.py, plus the database VM for the makespan) and, with
+`max_vcpus`, `bound_hours` (the study's core-hours / max_vcpus, plus one boot: no schedule can
+finish sooner) and `makespan_to_bound`.
 
 What is simulated of a worker mirrors worker.py: claim, run, report, claim again at once; with
 nothing to claim, wait with the same backoff (or until the next lease may lapse). Renewals are
@@ -34,8 +43,9 @@ from pathlib import Path
 from . import settings as settings_mod
 from . import states as st
 from .plan import Config, Experiment, Plan
+from .prices import MINIMUM_SECONDS, spend_usd
 from .store import Store, config_name
-from .worker import IDLE_BACKOFF, POLL
+from .worker import IDLE_BACKOFF, POLL, provisions_of
 
 FULL_EXPERIMENTS = 84_400
 FULL_CONFIGS = 2_000
@@ -49,6 +59,8 @@ RENEW_SECONDS = LEASE_SECONDS * settings_mod.RENEW_FRACTION
 NEVER_LAPSES = 10 * 365 * 86400.0  # the replaced design's claims: a STARTED row stays STARTED
 RUNTIME_SIGMA = 0.6  # lognormal spread: a few stragglers per group
 SCENARIOS = ("replaced", "sdm-peer", "sdm-peer+prewarm+shrink")
+CONCURRENT = "sdm-peer+max_vcpus"  # run beside SCENARIOS when max_vcpus is given
+BILLED_AS = {"provider": "gce"}  # spot VMs of each shape's Compute Engine family, and the database VM
 
 
 def mean_runtime(cores, memory_gb):
@@ -104,7 +116,7 @@ class Attempt:
 class Simulation:
     """One scenario over its own database; `run()` returns its measures."""
 
-    def __init__(self, scenario, plan, directory, *, seed, preemptions_per_vm_hour):
+    def __init__(self, scenario, plan, directory, *, seed, preemptions_per_vm_hour, max_vcpus=None):
         self.scenario = scenario
         self.replaced = scenario == "replaced"
         self.rng = random.Random(seed)
@@ -118,10 +130,14 @@ class Simulation:
         self.configs = [dataclasses.asdict(config) for config in plan.configs]
         self.measures = dict.fromkeys(("vm_seconds", "busy_seconds", "rerun_seconds"), 0.0)
         self.counts = dict.fromkeys(("preemptions", "shutdown_script_misses", "interventions", "vms"), 0)
+        self.vm_lives = []  # (cores, memory_gb, seconds billed) of every VM gone
+        tuned = scenario in ("sdm-peer+prewarm+shrink", CONCURRENT)
         settings = {"provider": "none" if self.replaced else "local",
                     "lease_seconds": NEVER_LAPSES if self.replaced else LEASE_SECONDS,
                     "max_interruptions": 1000,  # a preemption is not the experiment's fault
-                    "prewarm": scenario.endswith("prewarm+shrink"), "shrink": scenario.endswith("shrink")}
+                    "prewarm": tuned, "shrink": tuned}
+        if scenario == CONCURRENT:
+            settings["max_vcpus"] = max_vcpus
         self.store = Store(Path(directory) / f"{scenario}.db")
         self.store.import_plan(plan, settings=settings, now=0.0)
         self.lease_seconds = settings["lease_seconds"]
@@ -136,8 +152,7 @@ class Simulation:
         if self.replaced:
             self.master_poll(0)
         else:
-            provision = self.store.acquire_provisioning("bootstrap", now=self.now)["provision"]
-            self.provision(provision)
+            self.provision(self.store.acquire_provisioning("bootstrap", now=self.now))
         while self.queue:
             self.now, _, action, args = heapq.heappop(self.queue)
             action(*args)
@@ -147,6 +162,7 @@ class Simulation:
         self.store.close()
         hours = {key.replace("_seconds", "_hours"): round(value / 3600, 2) for key, value in self.measures.items()}
         return {"scenario": self.scenario, "makespan_hours": round(makespan / 3600, 2),
+                "cost_usd": round(spend_usd(BILLED_AS, self.vm_lives, makespan), 2),
                 "vm_hours_billed": hours["vm_hours"],
                 "idle_vm_hours": round((self.measures["vm_seconds"] - self.measures["busy_seconds"]) / 3600, 2),
                 "rerun_hours": hours["rerun_hours"], "person_interventions": self.counts["interventions"],
@@ -157,7 +173,8 @@ class Simulation:
     # ------------------------------------------------------------ groups and VMs
 
     def create_group(self, config):
-        """Idempotent, as a provider's create_group: an existing group is kept."""
+        """Idempotent, as a provider's create_group: an existing group is kept. `config`'s
+        group_size: the VMs the group was given."""
         group = self.groups.get(config["name"])
         if group is not None and not group.deleted:
             return
@@ -177,6 +194,8 @@ class Simulation:
         vm.ended = self.now
         vm.group.vms.discard(vm)
         self.measures["vm_seconds"] += vm.ended - vm.created
+        config = vm.group.config
+        self.vm_lives.append((config["cores"], config["memory_gb"], max(vm.ended - vm.created, MINIMUM_SECONDS)))
 
     def delete_group(self, group):
         group.deleted = True
@@ -231,8 +250,7 @@ class Simulation:
         self.renew_running(config["name"])
         answer = self.store.claim(vm.id, config["cores"], config["memory_gb"], now=self.now,
                                   lease_seconds=self.lease_seconds)
-        if answer["provision"]:
-            self.provision(answer["provision"])
+        self.provision(answer)
         experiment = answer["experiment"]
         if experiment:
             runtime = experiment["params"]["runtime"]
@@ -262,16 +280,16 @@ class Simulation:
         vm.attempt = None
         self.running[attempt.config].pop(attempt.token)
         self.measures["busy_seconds"] += attempt.runtime
-        answer = self.store.complete(attempt.token, {}, attempt.runtime, now=self.now)
-        if answer["provision"]:
-            self.provision(answer["provision"])
+        self.provision(self.store.complete(attempt.token, {}, attempt.runtime, now=self.now))
         self.claim(vm)
 
-    def provision(self, provision):
-        if provision is None:
-            return
-        self.create_group(next(c for c in self.configs if c["name"] == provision["config"]))
-        self.store.provisioned(provision["provision_token"], now=self.now)
+    def provision(self, answer):
+        """Create the group of each provisioning lease the store's answer gives, of the VMs it
+        was given, and report it made."""
+        for provision in provisions_of(answer):
+            config = next(c for c in self.configs if c["name"] == provision["config"])
+            self.create_group({**config, "group_size": provision["group_size"]})
+            self.store.provisioned(provision["provision_token"], now=self.now)
 
     # ------------------------------------------------------------ leases
 
@@ -305,12 +323,20 @@ class Simulation:
         self.at(self.now + MASTER_POLL, self.master_poll, index)
 
 
-def simulate(*, scale=1.0, seed=1, group_size=5, preemptions_per_vm_hour=0.05, scenarios=SCENARIOS, directory=None):
-    """Run each scenario on the same study and the same seed; returns {"parameters", "results"}."""
+def simulate(*, scale=1.0, seed=1, group_size=5, preemptions_per_vm_hour=0.05, scenarios=SCENARIOS, directory=None,
+             max_vcpus=None):
+    """Run each scenario on the same study and the same seed (and, with `max_vcpus`, the
+    concurrent one beside them); returns {"parameters", "results"}."""
     if not 0 < scale <= 1:
         raise ValueError("scale must be in (0, 1]")
-    plan = study(scale, group_size, random.Random(seed))
-    parameters = {"seed": seed, "scale": scale, "experiments": len(plan.experiments), "configs": len(plan.configs),
+    plan, refused = fitting(study(scale, group_size, random.Random(seed)), max_vcpus)
+    if not plan.configs:
+        raise ValueError(f"no config of the study fits max_vcpus {max_vcpus}")
+    if max_vcpus is not None:
+        scenarios = (*scenarios, CONCURRENT)
+    parameters = {"seed": seed, "scale": scale, "max_vcpus": max_vcpus,
+                  "refused_configs": len(refused.configs), "refused_experiments": len(refused.experiments),
+                  "experiments": len(plan.experiments), "configs": len(plan.configs),
                   "group_size": group_size, "boot_seconds": BOOT_SECONDS,
                   "preemptions_per_vm_hour": preemptions_per_vm_hour,
                   "shutdown_script_misses": SHUTDOWN_SCRIPT_MISSES, "person_delay_hours": PERSON_DELAY / 3600,
@@ -320,27 +346,51 @@ def simulate(*, scale=1.0, seed=1, group_size=5, preemptions_per_vm_hour=0.05, s
     # Memory-backed when there is one: the databases are scratch, and their commits many.
     directory = directory or ("/dev/shm" if Path("/dev/shm").is_dir() else None)
     with tempfile.TemporaryDirectory(prefix="sdm-simulate-", dir=directory) as scratch:
-        results = [Simulation(scenario, plan, scratch, seed=seed,
-                              preemptions_per_vm_hour=preemptions_per_vm_hour).run() for scenario in scenarios]
+        results = [Simulation(scenario, plan, scratch, seed=seed, preemptions_per_vm_hour=preemptions_per_vm_hour,
+                              max_vcpus=max_vcpus).run() for scenario in scenarios]
+    if max_vcpus is not None:
+        core_hours = sum(config.cores * sum(e.params["runtime"] for e in plan.experiments if e.config == config.name)
+                         for config in plan.configs) / 3600
+        parameters["core_hours"] = round(core_hours, 1)
+        bound = core_hours / max_vcpus + BOOT_SECONDS / 3600
+        for result in results:
+            result.update(bound_hours=round(bound, 2), makespan_to_bound=round(result["makespan_hours"] / bound, 2))
     return {"parameters": parameters, "results": results}
 
 
-COLUMNS = (("scenario", "scenario"), ("makespan_hours", "makespan h"), ("vm_hours_billed", "VM-h billed"),
-           ("idle_vm_hours", "idle VM-h"), ("rerun_hours", "re-run h"), ("person_interventions", "interventions"),
-           ("preemptions", "preemptions"))
+def fitting(plan, max_vcpus):
+    """(the plan of the configs whose one VM fits max_vcpus, the plan of those refused)."""
+    kept, refused = Plan(), Plan()
+    for config in plan.configs:
+        (kept if max_vcpus is None or config.cores <= max_vcpus else refused).configs.append(config)
+    names = {config.name for config in kept.configs}
+    for experiment in plan.experiments:
+        (kept if experiment.config in names else refused).experiments.append(experiment)
+    return kept, refused
+
+
+COLUMNS = (("scenario", "scenario"), ("makespan_hours", "makespan h"), ("bound_hours", "bound h"),
+           ("makespan_to_bound", "makespan / bound"), ("vm_hours_billed", "VM-h billed"),
+           ("idle_vm_hours", "idle VM-h"), ("cost_usd", "cost $"), ("rerun_hours", "re-run h"),
+           ("person_interventions", "interventions"), ("preemptions", "preemptions"))
 
 
 def table(outcome):
     """The comparison as a Markdown table (what the README shows), with its seed."""
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|" + "|".join(" --- " for _ in COLUMNS) + "|"]
+    columns = [(key, title) for key, title in COLUMNS if key in outcome["results"][0]]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+             "|" + "|".join(" --- " for _ in columns) + "|"]
     for result in outcome["results"]:
         lines.append("| " + " | ".join(f"{result[key]:,}" if not isinstance(result[key], str) else result[key]
-                                       for key, _ in COLUMNS) + " |")
+                                       for key, _ in columns) + " |")
     p = outcome["parameters"]
     lines.append(f"\nseed {p['seed']}, scale {p['scale']}: {p['experiments']:,} experiments over {p['configs']:,}"
                  f" configs, groups of {p['group_size']}, mean run-time {p['mean_runtime_seconds']:,} s,"
                  f" {p['preemptions_per_vm_hour']} preemptions per VM-hour")
+    if p["max_vcpus"] is not None:
+        lines.append(f"max_vcpus {p['max_vcpus']}: {p['core_hours']:,} core-hours; "
+                     + (f"{p['refused_configs']:,} configs ({p['refused_experiments']:,} experiments) refused up "
+                        f"front: one VM of theirs needs more vCPUs" if p["refused_configs"] else "no config refused"))
     return "\n".join(lines)
 
 

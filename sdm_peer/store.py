@@ -22,11 +22,12 @@ from pathlib import Path
 import sqlite_utils
 
 from . import prices
+from .providers.base import CAPACITY, run_zones
 from . import settings as settings_mod
 from . import states as st
 from .errors import BadInput, LeaseLost, NoSuchConfig, SdmPeerError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 NOT_HELD = "this lease is no longer held: the experiment was taken back or finished"
 BUSY_TIMEOUT_MS = 10_000
 WAL_CHECKPOINT_PAGES = 4000  # 16 MiB of WAL between automatic checkpoints (SQLite's default: 1000)
@@ -131,14 +132,24 @@ QUERIES = {
                         " ORDER BY sequence",
     "provision_takeover": """UPDATE configs SET provision_owner = :owner, provision_token = :token,
             provision_expires_at = :expires, vms = :vms
-        WHERE id = :id RETURNING name, cores, memory_gb, vms, provision_token""",
+        WHERE id = :id RETURNING name, cores, memory_gb, vms, provision_token, zone, standard""",
     "provision_renew": "UPDATE configs SET provision_expires_at = ? WHERE provision_token = ?"
                        " AND provision_expires_at IS NOT NULL RETURNING id",
     "provision_of_token": "SELECT id, name, provisioned_at FROM configs WHERE provision_token = ?",
     "provision_made": "UPDATE configs SET provisioned_at = ?, provision_expires_at = NULL WHERE id = ?",
     "provision_extend": "UPDATE configs SET provision_expires_at = MAX(provision_expires_at, :now) + :seconds"
                         " WHERE provision_expires_at IS NOT NULL",
-    "provision_held": "SELECT id, name FROM configs WHERE provision_token = ? AND provision_expires_at IS NOT NULL",
+    "provision_held": "SELECT id, name, zone, standard FROM configs WHERE provision_token = ?"
+                      " AND provision_expires_at IS NOT NULL",
+    # A group out of capacity, tried again at once elsewhere (another zone, or standard VMs) by
+    # the same holder: its lease renewed, its vCPUs kept.
+    "provision_moved": """UPDATE configs SET zone = :zone, standard = :standard, provision_expires_at = :expires
+        WHERE id = :id RETURNING name, cores, memory_gb, vms, provision_token, zone, standard""",
+    "config_zone_reset": "UPDATE configs SET zone = NULL WHERE id = ?",
+    # The first try at the config's group since it was last made: its hand-off, or the first
+    # take-over or failure of a config handed off before.
+    "first_try": "SELECT MIN(e.at) FROM events e WHERE e.config = ?"
+                 f" AND e.kind IN ('handoff', 'provision_takeover', 'group_failed') AND {SINCE_MADE}",
     # A lease given up after its group could not run: a fresh token (the old holder's reports
     # are refused), nobody holding it, and a lapse at the retry time.
     # Its vCPUs are given back meanwhile (the quota may be used elsewhere): vms 0.
@@ -164,7 +175,7 @@ QUERIES = {
     "events": "SELECT at, kind, config, worker, detail FROM events ORDER BY id",
     "events_of_kind": "SELECT at, kind, config, worker, detail FROM events WHERE kind = ? ORDER BY id",
     # ------------------------------------------------------------ reading
-    "status_configs": "SELECT id, name, cores, memory_gb, sequence, group_size, vms, state FROM configs"
+    "status_configs": "SELECT id, name, cores, memory_gb, sequence, group_size, vms, state, zone, standard FROM configs"
                       " ORDER BY sequence",
     "status_counts": "SELECT config, status, COUNT(*) FROM experiments GROUP BY config, status",
     "status_expired": f"SELECT config, COUNT(*) FROM experiments WHERE {IS_STARTED}"
@@ -276,7 +287,7 @@ MOVES = {
     "expire": ("experiments", "expire", _INTERRUPT),
     "config_handoff": ("configs", "handoff", """UPDATE configs SET state = :to, provision_owner = :owner,
             provision_token = :token, provision_expires_at = :expires, vms = :vms
-        WHERE id = :id AND {leaving} RETURNING name, cores, memory_gb, vms, provision_token"""),
+        WHERE id = :id AND {leaving} RETURNING name, cores, memory_gb, vms, provision_token, zone, standard"""),
     "config_first_claim": ("configs", "first_claim", "UPDATE configs SET state = :to WHERE id = :id AND {leaving}"
                                                      " RETURNING id"),
     "config_finish": ("configs", "finish", """UPDATE configs SET state = :to, done_at = :now,
@@ -830,7 +841,8 @@ class Store:
         if row is None:
             return None
         return {"config": row["name"], "provision_token": row["provision_token"], "cores": row["cores"],
-                "memory_gb": _number(row["memory_gb"]), "group_size": row["vms"],
+                "memory_gb": _number(row["memory_gb"]), "group_size": row["vms"], "zone": row["zone"],
+                "standard": bool(row["standard"]),
                 "lease_seconds_left": self.settings["provision_lease_seconds"], "previous": previous}
 
     @staticmethod
@@ -885,21 +897,37 @@ class Store:
                 self._event(db, now, "group_provisioned", row["name"], worker_id)
         return {}
 
-    def group_failed(self, provision_token, error, *, now, worker_id=None):
+    def group_failed(self, provision_token, error, *, now, cause=None, worker_id=None):
         """The holder of a provisioning lease could not make the group (`error`: why, in one
-        line) and removed it. The cause is recorded and the lease given up until a retry,
-        backed off by the config's failures since its group was last made: the first waits
-        GROUP_RETRY_SECONDS[0], each further one twice as long, at most GROUP_RETRY_SECONDS[1].
-        Returns the seconds until the retry."""
+        line; `cause`: `capacity` when the zone is out of it) and removed it. The cause is
+        recorded. Out of capacity, the group moves on (DESIGN §8): to the next of the run's
+        zones, or, spot_fallback_minutes after the first try since its group was last made, to
+        standard VMs from the first zone again; the holder keeps its lease and is answered
+        `provision` (where to try now, retry_seconds 0). Otherwise the lease is given up until a
+        retry, backed off by the config's failures since its group was last made: the first
+        waits GROUP_RETRY_SECONDS[0], each further one twice as long, at most
+        GROUP_RETRY_SECONDS[1]."""
         first, longest = settings_mod.GROUP_RETRY_SECONDS
         with self._write() as db:
             row = db.execute(SQL["provision_held"], (provision_token,)).fetchone()
             if row is None:
                 raise LeaseLost("this provisioning lease is no longer held")
             failures = db.execute(SQL["group_failures"], (row["name"],)).fetchone()[0]
+            detail = {"error": error, **({"cause": cause} if cause else {})}
+            if cause == CAPACITY:
+                since = db.execute(SQL["first_try"], (row["name"],)).fetchone()[0]
+                move = capacity_fallback(self.settings, row["zone"], bool(row["standard"]), now - (since or now))
+                if move is not None:
+                    self._event(db, now, "group_failed", row["name"], worker_id, {**detail, "retry_seconds": 0})
+                    zone, standard, kind, moved = move
+                    self._event(db, now, kind, row["name"], worker_id, {**moved, "cause": error})
+                    return {"retry_seconds": 0, "provision": self._provision(db.execute(SQL["provision_moved"], {
+                        "zone": zone, "standard": standard, "id": row["id"],
+                        "expires": now + self.settings["provision_lease_seconds"]}).fetchone())}
+                db.execute(SQL["config_zone_reset"], (row["id"],))  # the next try starts at the first zone
             retry = min(first * 2 ** min(failures, 32), longest)
             db.execute(SQL["provision_give_up"], (secrets.token_urlsafe(18), now + retry, row["id"]))
-            self._event(db, now, "group_failed", row["name"], worker_id, {"error": error, "retry_seconds": retry})
+            self._event(db, now, "group_failed", row["name"], worker_id, {**detail, "retry_seconds": retry})
         return {"retry_seconds": retry}
 
     def group_deleted(self, config, *, now, worker_id=None):
@@ -940,7 +968,8 @@ class Store:
             entry = {"name": row["name"], "cores": row["cores"], "memory_gb": _number(row["memory_gb"]),
                      "state": row["state"], **per_config[row["id"]], "expired": expired.get(row["id"], 0),
                      "sequence": row["sequence"], "group_size": row["group_size"],
-                     "vms": row["vms"] if holds else 0, "vcpus": row["cores"] * row["vms"] if holds else 0}
+                     "vms": row["vms"] if holds else 0, "vcpus": row["cores"] * row["vms"] if holds else 0,
+                     "zone": row["zone"], "standard": bool(row["standard"])}
             for key in totals:
                 totals[key] += entry[key]
             out.append(entry)
@@ -1085,6 +1114,23 @@ def _provisions(provisions):
     """An answer's provisioning leases: `provisions`, all of them, and `provision`, the first
     (or None), as answers had it before configs ran concurrently."""
     return {"provision": provisions[0] if provisions else None, "provisions": provisions}
+
+
+def capacity_fallback(settings, zone, standard, seconds_without):
+    """Where a group whose zone is out of capacity tries next, `seconds_without` after the first
+    try at it: (zone, standard, event kind, event detail), or None (wait and try again). The
+    next of the run's zones; past the last, standard VMs from the first zone once
+    spot_fallback_minutes have passed."""
+    zones = run_zones(settings)
+    here = zone or (zones[0] if zones else None)
+    later = zones[zones.index(here) + 1:] if here in zones else []
+    if later:
+        return later[0], standard, "zone_fallback", {"from": here, "to": later[0]}
+    minutes = settings.get("spot_fallback_minutes")
+    if minutes is not None and settings.get("spot", True) and not standard and seconds_without >= minutes * 60:
+        first = zones[0] if zones else None
+        return first, True, "spot_fallback", {"seconds": round(seconds_without, 1), "zone": first}
+    return None
 
 
 def _vms_that_fit(cores, group_size, limit, free):

@@ -350,8 +350,10 @@ def provision_group(client, provider, provision, owner, *, call=None):
     group can outlast a lease period). If the provider cannot (the cloud says why the group's
     VMs cannot be made, or none runs in time), the group is removed, still under the lease, and
     the cause reported (`group_failed`, through `call`: default client.call): the server gives
-    the lease up until a retry it backs off. None once the group is made; else the
-    ProviderError and the seconds until the retry (None: the lease was taken over meanwhile)."""
+    the lease up until a retry it backs off; or, the zone being out of capacity, answers where
+    to try again at once (another zone, standard VMs), which is done. None once the group is
+    made; else the ProviderError and the seconds until the retry (None: the lease was taken
+    over meanwhile)."""
     spec = GroupSpec.from_provision(provision)
     with LeaseKeeper.of_provision(client, provision):
         try:
@@ -366,10 +368,16 @@ def provision_group(client, provider, provision, owner, *, call=None):
                 log.error("could not remove the group of %s: %s", spec.name, cleanup)
     try:
         answer = (call or client.call)("group_failed", provision_token=provision["provision_token"],
-                                       error=one_line(failure), worker_id=owner)
+                                       error=one_line(failure), cause=getattr(failure, "cause", None),
+                                       worker_id=owner)
     except LeaseLost:
         log.info("provisioning of %s was taken over meanwhile", spec.name)
         return failure, None
+    if answer and answer.get("provision"):
+        moved = answer["provision"]
+        log.info("the group of %s is tried again in %s%s", spec.name, moved["zone"] or "the run's zone",
+                 " with standard VMs" if moved["standard"] else "")
+        return provision_group(client, provider, moved, owner, call=call)
     return failure, answer and answer["retry_seconds"]
 
 

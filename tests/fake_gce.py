@@ -100,9 +100,15 @@ class CallerGone(Exception):
 CLOUD_INIT_IMAGE_PROJECTS = {"ubuntu-os-cloud", "ubuntu-os-pro-cloud", "cos-cloud"}
 IMAGE = re.compile(r"(?:https://(?:www|compute)\.googleapis\.com/compute/v1/)?projects/([^/]+)/global/images/"
                    r"(?:family/)?[a-z][-a-z0-9]*")
-# vCPU quota metric by machine family (N1 and E2 count against CPUS).
+# A VM's vCPUs count against CPUS_ALL_REGIONS (the project's), and in its region against
+# PREEMPTIBLE_CPUS when it is a spot VM and that quota is above 0, else against CPUS and its
+# family's own metric (N1 has none; E2 counts on CPUS alone here).
 CPU_METRIC = {"n2": "N2_CPUS", "n2d": "N2D_CPUS", "c2": "C2_CPUS", "c2d": "C2D_CPUS", "c3": "C3_CPUS"}
+REGION_METRICS = ("CPUS", "PREEMPTIBLE_CPUS", "IN_USE_ADDRESSES", "INSTANCE_GROUP_MANAGERS", *CPU_METRIC.values())
+PROJECT_METRICS = ("CPUS_ALL_REGIONS", "INSTANCE_TEMPLATES")
 PLENTY = 10_000.0
+# A new project's: its spot VMs count as standard ones.
+DEFAULT_LIMITS = {"PREEMPTIBLE_CPUS": 0.0}
 
 
 def machine_family(machine_type):
@@ -128,7 +134,8 @@ class FakeCompute(_Server):
     * Every request body is checked against the compute v1 discovery document and the documented
       rules beyond it (gce_discovery.py): 400 as the API would answer.
     * A managed group's insert is DONE before any VM exists; its VMs appear over time
-      (`vm_delay`), and quota (`quotas`, what regions.get serves), stockouts (`stockouts`: zones)
+      (`vm_delay`), and quota (`quotas`, what regions.get and projects.get serve), stockouts
+      (`stockouts`: zones; `spot_stockouts`: zones without spot VMs)
       and machine types a zone lacks (`missing_families`) show only in listManagedInstances and
       listErrors, retried every `retry_delay` as a group retries. A single VM's insert (the
       database VM) is accepted and its operation ends with the same error instead.
@@ -142,8 +149,9 @@ class FakeCompute(_Server):
         self.vm_delay, self.retry_delay, self.page_size = vm_delay, retry_delay, page_size
         self.templates, self.groups, self.instances, self.firewalls = {}, {}, {}, {}
         self.networks = {"default": {"name": "default", "autoCreateSubnetworks": True, "subnetworks": {}}}
-        self.quotas = {}  # metric -> limit in every region; a metric not named has plenty
+        self.quotas = {}  # metric -> limit (in every region); not named: DEFAULT_LIMITS, else plenty
         self.stockouts = set()  # zones without capacity
+        self.spot_stockouts = set()  # zones without spot capacity (standard VMs still made)
         self.missing_families = {}  # zone -> machine families it does not offer
         self.operations = {}
         self.requests = []  # (method, path, body) of every request, in order
@@ -213,6 +221,9 @@ class FakeCompute(_Server):
         fault = self._take(self._faults, method, path)
         if fault:
             raise fault[2]
+        project = re.fullmatch(r"/compute/v1/projects/([^/]+)", path)
+        if project:
+            return self._project(method, project.group(1))
         match = re.fullmatch(r"/compute/v1/projects/([^/]+)/(.*)", path)
         if not match:
             raise ApiError(404, "notFound", f"no such path {path}")
@@ -434,24 +445,44 @@ class FakeCompute(_Server):
     def _region(self, method, project, body, path, region):
         if method != "GET":
             raise ApiError(405, "badRequest", f"{method} not allowed here")
-        usage = self._usage(region)
         return {"kind": "compute#region", "name": region, "status": "UP",
                 "selfLink": f"{API}/projects/{project}/regions/{region}",
-                "quotas": [{"metric": metric, "limit": self.quotas.get(metric, PLENTY), "usage": usage.get(metric, 0.0)}
-                           for metric in sorted({"CPUS", "IN_USE_ADDRESSES", *CPU_METRIC.values(), *self.quotas})]}
+                "quotas": self._quotas(REGION_METRICS, self._usage(region))}
+
+    def _project(self, method, project):
+        if method != "GET":
+            raise ApiError(405, "badRequest", f"{method} not allowed here")
+        return {"kind": "compute#project", "name": project, "id": "4242",
+                "selfLink": f"{API}/projects/{project}", "quotas": self._quotas(PROJECT_METRICS, self._usage(None))}
+
+    def _quotas(self, metrics, usage):
+        return [{"metric": metric, "limit": self.limit(metric), "usage": usage.get(metric, 0.0)} for metric in metrics]
+
+    def limit(self, metric):
+        return self.quotas.get(metric, DEFAULT_LIMITS.get(metric, PLENTY))
 
     # ------------------------------------------------------------ VMs
 
+    def _counted(self, properties):
+        """{metric: amount} one VM of these properties takes."""
+        machine_type = properties["machineType"].rpartition("/")[2]
+        spot = properties.get("scheduling", {}).get("provisioningModel") == "SPOT"
+        cpus = ["CPUS_ALL_REGIONS"] + (["PREEMPTIBLE_CPUS"] if spot and self.limit("PREEMPTIBLE_CPUS") > 0 else
+                                       ["CPUS", CPU_METRIC.get(machine_family(machine_type))])
+        counted = {metric: vcpus(machine_type) for metric in cpus if metric}
+        if any(interface.get("accessConfigs") for interface in properties.get("networkInterfaces", [])):
+            counted["IN_USE_ADDRESSES"] = 1
+        return counted
+
     def _usage(self, region):
-        usage = {}
+        """What the region's VMs and groups (None: the project's, everywhere) use of each metric."""
+        usage = {"INSTANCE_TEMPLATES": float(len(self.templates)),
+                 "INSTANCE_GROUP_MANAGERS": float(sum(region in (None, region_of(group["zone"]))
+                                                      for group in self.groups.values()))}
         for record in self.instances.values():
-            if region_of(record["_zone"]) != region:
-                continue
-            machine_type = record["machineType"].rpartition("/")[2]
-            metric = CPU_METRIC.get(machine_family(machine_type), "CPUS")
-            usage[metric] = usage.get(metric, 0.0) + vcpus(machine_type)
-            if any(interface.get("accessConfigs") for interface in record.get("networkInterfaces", [])):
-                usage["IN_USE_ADDRESSES"] = usage.get("IN_USE_ADDRESSES", 0.0) + 1
+            if region is None or region_of(record["_zone"]) == region:
+                for metric, amount in self._counted(record).items():
+                    usage[metric] = usage.get(metric, 0.0) + amount
         return usage
 
     def _why_not(self, project, zone, properties):
@@ -461,18 +492,17 @@ class FakeCompute(_Server):
             return ("RESOURCE_NOT_FOUND", f"Invalid value for field 'resource.machineType': 'projects/{project}/"
                                           f"zones/{zone}/machineTypes/{machine_type}'. Machine type with name "
                                           f"'{machine_type}' does not exist in zone '{zone}'.")
-        if zone in self.stockouts:
+        spot = properties.get("scheduling", {}).get("provisioningModel") == "SPOT"
+        if zone in self.stockouts or spot and zone in self.spot_stockouts:
             return ("ZONE_RESOURCE_POOL_EXHAUSTED", f"The zone 'projects/{project}/zones/{zone}' does not have enough "
                                                     "resources available to fulfill the request.  Try a different "
                                                     "zone, or try again later.")
-        region, usage = region_of(zone), self._usage(region_of(zone))
-        wanted = {CPU_METRIC.get(machine_family(machine_type), "CPUS"): vcpus(machine_type)}
-        if any(interface.get("accessConfigs") for interface in properties.get("networkInterfaces", [])):
-            wanted["IN_USE_ADDRESSES"] = 1
-        for metric, amount in wanted.items():
-            limit = self.quotas.get(metric, PLENTY)
-            if usage.get(metric, 0.0) + amount > limit:
-                return ("QUOTA_EXCEEDED", f"Quota '{metric}' exceeded.  Limit: {limit:.1f} in region {region}.")
+        region = region_of(zone)
+        usage = {**self._usage(region), "CPUS_ALL_REGIONS": self._usage(None).get("CPUS_ALL_REGIONS", 0.0)}
+        for metric, amount in self._counted(properties).items():
+            if usage.get(metric, 0.0) + amount > self.limit(metric):
+                where = "project" if metric in PROJECT_METRICS else f"region {region}"
+                return ("QUOTA_EXCEEDED", f"Quota '{metric}' exceeded.  Limit: {self.limit(metric):.1f} in {where}.")
         return None
 
     def _later(self, delay, action, *args):

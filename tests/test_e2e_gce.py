@@ -31,7 +31,9 @@ def test_study_runs_on_the_fake_cloud_with_hand_offs_and_a_preemption(run, tmp_p
         + shape_rows(C, 1, 1, sleep=0.2)
     plan = plan_file(tmp_path, rows)
     port = free_port()
-    started = bootstrap(run, cloud, plan, port, tmp_path, "--set", "lease_seconds=3")
+    # max_vcpus 2 (unset: what the fake's quotas leave free, all three groups at once): one
+    # group after another, so each next provisioner sweeps the template the last one left.
+    started = bootstrap(run, cloud, plan, port, tmp_path, "--set", "lease_seconds=3", "--set", "max_vcpus=2")
     assert "watch it with: sdm-peer status --replica file://" in started.stdout
     # The VMs install the sdm-peer that bootstrapped the run, put beside the replica.
     assert (tmp_path / "replica" / package.wheel_name()).is_file()
@@ -121,7 +123,10 @@ def test_dry_run_prints_every_call_and_changes_nothing(run, tmp_path, cloud):
         ["POST", f"{prefix}/global/instanceTemplates"], ["POST", f"{prefix}/zones/{ZONE}/instanceGroupManagers"]]
     assert json.loads(calls[3][2])["targetSize"] == 3
     assert "gs://my-bucket/run" in shown.stdout
-    assert cloud.requests == [] and not run.db.exists() and list(run.path.iterdir()) == []
+    # It reads the quotas (reading changes nothing) and says what it read.
+    assert "quota CPUS in region us-central1: 0 of 10000 in use" in shown.stdout
+    assert {method for method, _, _ in cloud.requests} == {"GET"}
+    assert not run.db.exists() and list(run.path.iterdir()) == []
 
 
 def test_group_up_and_down_use_the_runs_stored_settings(run, tmp_path, cloud):

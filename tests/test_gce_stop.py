@@ -212,6 +212,7 @@ def test_a_study_on_the_fake_cloud_stopped_half_way_leaves_nothing_and_its_resul
     started = CliRunner().invoke(main, [
         "bootstrap", "--plan", str(plan_file(tmp_path, rows)), "--provider", "gce", "--dir", str(run.path),
         "--project", PROJECT, "--zone", ZONE, "--set", f"replica_url={replica}", "--set", f"server=127.0.0.1:{port}",
+        "--set", "max_vcpus=4",  # c2-m4's group of 2; c2-m8 waits (the fake's quotas would hold both)
         "--", *job_command(tmp_path)])
     assert started.exit_code == 0, started.output
     client = Client(("127.0.0.1", port), read_token(run.token_file), retry_seconds=10)

@@ -18,6 +18,19 @@ REGISTRY = {
 }
 
 
+# The cause a provider gives (ProviderError.cause) when a group's VMs cannot be made because the
+# zone is out of capacity: the run moves the group on (DESIGN §8), where another cause waits.
+CAPACITY = "capacity"
+
+
+def run_zones(settings):
+    """Where a run's groups go, in the order tried when one is out of capacity: `zone`, then
+    the rest of `zones`; none for a provider without zones."""
+    if not settings.get("zone"):
+        return []
+    return [settings["zone"], *(zone for zone in settings.get("zones", []) if zone != settings["zone"])]
+
+
 @dataclass(frozen=True)
 class GroupSpec:
     """One config's group: its name, and for creating it the shape and size of its workers."""
@@ -26,17 +39,24 @@ class GroupSpec:
     cores: int | None = None
     memory_gb: float | None = None
     group_size: int | None = None
+    # Where the group is, for a provider with places (gce: a zone of the run's `zones`; None: the
+    # run's own, or for removing, wherever it is), and whether its VMs were made standard after
+    # spot_fallback_minutes without spot capacity.
+    zone: str | None = None
+    standard: bool = False
 
     @classmethod
     def from_config(cls, config):
         """From an entry of the status object's `configs`: the VMs its group was given, or
         (holding none, or from an older server) its group_size."""
-        return cls(config["name"], config["cores"], config["memory_gb"], config.get("vms") or config["group_size"])
+        return cls(config["name"], config["cores"], config["memory_gb"], config.get("vms") or config["group_size"],
+                   config.get("zone"), config.get("standard", False))
 
     @classmethod
     def from_provision(cls, provision):
         """From a provisioning answer (`acquire_provisioning`, a claim's `provision`)."""
-        return cls(provision["config"], provision["cores"], provision["memory_gb"], provision["group_size"])
+        return cls(provision["config"], provision["cores"], provision["memory_gb"], provision["group_size"],
+                   provision.get("zone"), provision.get("standard", False))
 
 
 @dataclass(frozen=True)

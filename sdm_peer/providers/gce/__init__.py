@@ -10,7 +10,7 @@ never babysits VMs."""
 import logging
 
 from ...errors import BadInput, ProviderError, SettingsError
-from ..base import Provider
+from ..base import Provider, run_zones
 from . import cloudinit
 from . import metadata as md
 from .machine_types import FAMILIES, UnservableShape, custom_machine_type
@@ -62,6 +62,10 @@ def internal_dns_name(settings, vm):
     return f"{vm}.{settings['zone']}.c.{project}{'.' + domain if domain else ''}.internal"
 
 
+def region(zone):
+    return zone.rpartition("-")[0]
+
+
 def image_project(image):
     """The project an image comes from (None for one of the run's own project)."""
     return image.split("/")[1] if image.startswith("projects/") else None
@@ -72,6 +76,12 @@ def check_run(settings, shapes):
     settings, an image that cannot run cloud-init, or a config shape no machine family serves
     (with the reason)."""
     settings = gce_settings(settings)
+    elsewhere = [zone for zone in settings.get("zones", []) if region(zone) != region(settings["zone"])]
+    if elsewhere:
+        raise BadInput(f"zones {', '.join(elsewhere)} are not in the region of zone {settings['zone']} "
+                       f"({region(settings['zone'])}): a group moves only within its region (its subnetwork, "
+                       "quotas and the database VM's network are the region's)",
+                       hint=f"list zones of {region(settings['zone'])} only")
     if image_project(settings["image"]) in NO_CLOUD_INIT_PROJECTS:
         raise BadInput(f"image {settings['image']} does not run cloud-init, which sets up every VM of the run "
                        "(from its user-data)", hint=f"choose an image that runs cloud-init: {IMAGE_FAMILIES_HINT}")
@@ -150,8 +160,8 @@ def _network_interface(settings):
     interface = {"network": _network(settings)}
     if settings.get("subnetwork"):  # a custom-mode network needs it
         subnetwork = settings["subnetwork"]
-        region = settings["zone"].rpartition("-")[0]
-        interface["subnetwork"] = subnetwork if "/" in subnetwork else f"regions/{region}/subnetworks/{subnetwork}"
+        interface["subnetwork"] = (subnetwork if "/" in subnetwork
+                                   else f"regions/{region(settings['zone'])}/subnetworks/{subnetwork}")
     if settings["external_ip"]:
         # An external address lets a VM reach the package index and the code's git host; without
         # one (external_ip=false) the network needs Cloud NAT for that.
@@ -178,7 +188,7 @@ def template_body(settings, spec, token):
             "machineType": custom_machine_type(spec.cores, spec.memory_gb, settings.get("machine_family")),
             "labels": _labels(settings, name),
             "tags": {"items": [worker_tag(settings)]},
-            "scheduling": _scheduling(settings),
+            "scheduling": _scheduling({**settings, "spot": settings["spot"] and not spec.standard}),
             "disks": [_boot_disk(settings, single_instance=False)],
             "networkInterfaces": [_network_interface(settings)],
             "serviceAccounts": [{"email": settings["service_account"], "scopes": SCOPES}],
@@ -286,24 +296,28 @@ class GceProvider(Provider):
         kept if they exist (idempotent). Returns once the group's first VM runs; raises
         GroupCannotRun (one line: why) if the cloud reports it cannot make one, or
         ProviderError if none runs within `group_wait_seconds`."""
-        name = group_name(self.settings, spec.name)
+        name, zone = group_name(self.settings, spec.name), spec.zone or self.settings["zone"]
         try:
             template = template_body(self.settings, spec, self.token)
         except UnservableShape as exc:  # `init` refuses such shapes; a database edited since may not
             raise ProviderError(f"config {spec.name} cannot be served on Compute Engine: {exc}") from None
         self.api.insert_template(template)
-        self.api.insert_group(group_body(self.settings, spec))
-        log.info("group %s of config %s: %s VMs asked for", name, spec.name, spec.group_size)
-        self.api.wait_for_group(name, self.settings["group_wait_seconds"])
+        self.api.insert_group(group_body(self.settings, spec), zone)
+        log.info("group %s of config %s: %s VMs asked for in %s", name, spec.name, spec.group_size, zone)
+        self.api.wait_for_group(name, self.settings["group_wait_seconds"], zone)
         log.info("group %s of config %s: its first VM runs", name, spec.name)
         return name
+
+    def _zones_of(self, spec):
+        """Where the group may be: its zone when known, else every zone of the run."""
+        return [spec.zone] if spec.zone else run_zones(self.settings)
 
     def delete_group(self, spec):
         """The managed group (its VMs go with it), then the template it used; a missing one is
         fine (idempotent). The template can only go once no group uses it. True if the group
         was there."""
         name = group_name(self.settings, spec.name)
-        existed = self.api.delete_group(name)
+        existed = any([self.api.delete_group(name, zone) for zone in self._zones_of(spec)])
         self.api.delete_template(name)
         log.info("group %s of config %s deleted", name, spec.name)
         return existed
@@ -313,7 +327,7 @@ class GceProvider(Provider):
         that deletes its own group is itself deleted before it can delete the template. The
         names of the templates deleted."""
         prefix = run_prefix(self.settings)
-        groups, templates = self.api.group_names(prefix), self.api.template_names(prefix)
+        groups, templates = self.group_zones(), self.api.template_names(prefix)
         if groups is None:  # a dry run lists nothing
             return []
         swept = [name for name in (group_name(self.settings, config) for config in finished)
@@ -327,5 +341,14 @@ class GceProvider(Provider):
         """Shrinking: delete this worker's VM (its instance name is its worker id) through its
         managed group, which lowers the group's target size so the VM is not re-created."""
         name = group_name(self.settings, spec.name)
-        self.api.delete_instances(name, [worker_id])
+        for zone in self._zones_of(spec):
+            self.api.delete_instances(name, [worker_id], zone)
         log.info("VM %s left group %s", worker_id, name)
+
+    def group_zones(self):
+        """{name: zone} of the run's managed groups in every zone of the run; None when not
+        known (a dry run lists nothing)."""
+        found = {zone: self.api.group_names(run_prefix(self.settings), zone) for zone in run_zones(self.settings)}
+        if None in found.values():
+            return None
+        return {name: zone for zone, names in found.items() for name in names}

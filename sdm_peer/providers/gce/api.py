@@ -20,6 +20,7 @@ import time
 import tenacity
 
 from ...errors import ProviderError
+from ..base import CAPACITY
 
 log = logging.getLogger("sdm_peer.gce")
 
@@ -44,8 +45,17 @@ ROLE_FOR = {
 DEFAULT_ROLE = "roles/compute.instanceAdmin.v1"
 
 
+QUOTA, MACHINE_TYPE = "quota", "machine_type"  # and base.CAPACITY
+
+
 class GroupCannotRun(ProviderError):
-    """The cloud reports why a managed group cannot make its VMs (one line naming the cause)."""
+    """The cloud reports why a managed group cannot make its VMs (one line naming the cause);
+    `cause`: QUOTA, CAPACITY (the zone is out of it: another zone may have it), MACHINE_TYPE,
+    or None."""
+
+    def __init__(self, message, hint=None, cause=None):
+        super().__init__(message, hint=hint)
+        self.cause = cause
 
 
 class ComputeApi:
@@ -68,6 +78,8 @@ class ComputeApi:
             self.firewalls = compute_v1.FirewallsClient(**options)
             self.zone_operations = compute_v1.ZoneOperationsClient(**options)
             self.global_operations = compute_v1.GlobalOperationsClient(**options)
+            self.regions = compute_v1.RegionsClient(**options)
+            self.projects = compute_v1.ProjectsClient(**options)
         except Exception as exc:  # google.auth's DefaultCredentialsError and kin
             raise ProviderError(f"cannot use Compute Engine: {exc}",
                                 hint="run `gcloud auth application-default login`") from None
@@ -83,6 +95,24 @@ class ComputeApi:
 
     # ------------------------------------------------------------ the calls
 
+    def quotas(self, region):
+        """{metric: quotas.Quota} of the region (`regions.get`) and the project (`projects.get`)."""
+        from google.api_core import exceptions
+
+        from .quotas import Quota
+
+        found = {}
+        for where, what, method, request in (
+                ("the project", "reading the project's quotas", self.projects.get, {}),
+                (f"region {region}", f"reading the quotas of region {region}", self.regions.get, {"region": region})):
+            try:
+                resource = self._retrying(what, method, project=self.project, **request)
+            except exceptions.GoogleAPICallError as exc:
+                raise provider_error(exc, what) from None
+            found.update((quota.metric, Quota(quota.metric, quota.limit, quota.usage, where))
+                         for quota in resource.quotas)
+        return found
+
     def insert_template(self, body):
         return self._insert("instance template", body["name"], self.templates.insert_unary,
                             instance_template_resource=self.compute.InstanceTemplate.from_json(json.dumps(body)))
@@ -90,20 +120,23 @@ class ComputeApi:
     def delete_template(self, name):
         return self._delete("instance template", name, self.templates.delete_unary, instance_template=name)
 
-    def insert_group(self, body):
-        return self._insert("managed instance group", body["name"], self.groups.insert_unary, zone=self.zone,
+    # The calls on a managed group take its zone (default: the api's).
+
+    def insert_group(self, body, zone=None):
+        return self._insert("managed instance group", body["name"], self.groups.insert_unary, zone=zone or self.zone,
                             instance_group_manager_resource=self.compute.InstanceGroupManager.from_json(
                                 json.dumps(body)))
 
-    def delete_group(self, name):
-        return self._delete("managed instance group", name, self.groups.delete_unary, zone=self.zone,
+    def delete_group(self, name, zone=None):
+        return self._delete("managed instance group", name, self.groups.delete_unary, zone=zone or self.zone,
                             instance_group_manager=name)
 
-    def wait_for_group(self, name, timeout):
+    def wait_for_group(self, name, timeout, zone=None):
         """Return once a VM of the managed group runs; GroupCannotRun as soon as the group
         reports an error creating one; ProviderError if none runs within `timeout` seconds."""
         from google.api_core import exceptions
 
+        zone = zone or self.zone
         what = f"waiting for managed instance group {name}"
         running = self.compute.ManagedInstance.InstanceStatus.RUNNING.name  # the VM's status, not a config's
         deadline = time.monotonic() + timeout
@@ -111,35 +144,36 @@ class ComputeApi:
         while True:
             try:
                 members = list(self._retrying(what, self.groups.list_managed_instances, project=self.project,
-                                              zone=self.zone, instance_group_manager=name))
+                                              zone=zone, instance_group_manager=name))
                 if any(member.instance_status == running for member in members):
                     return
                 errors = [(error.code, error.message) for member in members
                           for error in member.last_attempt.errors.errors]
                 if not errors:
                     errors = [(item.error.code, item.error.message) for item in self._retrying(
-                        what, self.groups.list_errors, project=self.project, zone=self.zone,
+                        what, self.groups.list_errors, project=self.project, zone=zone,
                         instance_group_manager=name)]
             except exceptions.GoogleAPICallError as exc:
                 raise provider_error(exc, what) from None
             if errors:
-                raise group_error(name, self.zone, *errors[-1])
+                raise group_error(name, zone, *errors[-1])
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ProviderError(f"managed instance group {name}: no VM running after {timeout:.0f}s, "
                                     "and no error reported", hint=f"see: gcloud compute instance-groups managed "
-                                                                 f"list-instances {name} --zone {self.zone}")
+                                                                 f"list-instances {name} --zone {zone}")
             time.sleep(min(pause, left))
             pause = min(pause * 2, longest)
 
-    def delete_instances(self, group, names):
+    def delete_instances(self, group, names, zone=None):
         """Remove VMs from a managed group; its target size drops by as many (a missing group, or a
         VM no longer in it, is fine)."""
+        zone = zone or self.zone
         request = self.compute.InstanceGroupManagersDeleteInstancesRequest(
-            instances=[f"zones/{self.zone}/instances/{name}" for name in names],
+            instances=[f"zones/{zone}/instances/{name}" for name in names],
             skip_instances_on_validation_error=True)
         return self._delete(f"VM(s) {', '.join(names)} of managed instance group", group,
-                            self.groups.delete_instances_unary, zone=self.zone, instance_group_manager=group,
+                            self.groups.delete_instances_unary, zone=zone, instance_group_manager=group,
                             instance_group_managers_delete_instances_request_resource=request)
 
     def insert_instance(self, body):
@@ -162,10 +196,10 @@ class ComputeApi:
             raise provider_error(exc, what) from None
         return True
 
-    def group_names(self, prefix):
+    def group_names(self, prefix, zone=None):
         """The names of the zone's managed instance groups that start with `prefix`."""
         return self._names("listing managed instance groups", self.groups.list,
-                           self.compute.ListInstanceGroupManagersRequest, prefix, zone=self.zone)
+                           self.compute.ListInstanceGroupManagersRequest, prefix, zone=zone or self.zone)
 
     def template_names(self, prefix):
         """The names of the project's instance templates that start with `prefix`."""
@@ -277,18 +311,19 @@ class DryRunApi:
     def delete_template(self, name):
         return self._show("DELETE", f"global/instanceTemplates/{name}")
 
-    def insert_group(self, body):
-        return self._show("POST", f"zones/{self.zone}/instanceGroupManagers", body)
+    def insert_group(self, body, zone=None):
+        return self._show("POST", f"zones/{zone or self.zone}/instanceGroupManagers", body)
 
-    def delete_group(self, name):
-        return self._show("DELETE", f"zones/{self.zone}/instanceGroupManagers/{name}")
+    def delete_group(self, name, zone=None):
+        return self._show("DELETE", f"zones/{zone or self.zone}/instanceGroupManagers/{name}")
 
-    def delete_instances(self, group, names):
-        return self._show("POST", f"zones/{self.zone}/instanceGroupManagers/{group}/deleteInstances",
-                          {"instances": [f"zones/{self.zone}/instances/{name}" for name in names],
+    def delete_instances(self, group, names, zone=None):
+        zone = zone or self.zone
+        return self._show("POST", f"zones/{zone}/instanceGroupManagers/{group}/deleteInstances",
+                          {"instances": [f"zones/{zone}/instances/{name}" for name in names],
                            "skipInstancesOnValidationError": True})
 
-    def wait_for_group(self, name, timeout):
+    def wait_for_group(self, name, timeout, zone=None):
         self.echo(f"would wait up to {timeout:.0f}s for a VM of {name} to run")
 
     def insert_instance(self, body):
@@ -297,9 +332,9 @@ class DryRunApi:
     def delete_instance(self, name):
         return self._show("DELETE", f"zones/{self.zone}/instances/{name}")
 
-    def group_names(self, prefix):
+    def group_names(self, prefix, zone=None):
         """Not known without asking: None (every config's group is then deleted by name)."""
-        self._show("GET", f"zones/{self.zone}/instanceGroupManagers?filter={name_filter(prefix)}")
+        self._show("GET", f"zones/{zone or self.zone}/instanceGroupManagers?filter={name_filter(prefix)}")
         return None
 
     def template_names(self, prefix):
@@ -371,20 +406,21 @@ def group_error(name, zone, code, message):
     region; the zone out of capacity; the machine type missing in the zone; else the API's own."""
     quota = re.search(r"Quota '([^']+)' exceeded\.\s+Limit: ([\d.]+) in region ([\w-]+)", message)
     missing = re.search(r"[Mm]achine type with name '([^']+)' does not exist in zone '([^']+)'", message)
+    kind = None
     if code in QUOTA_CODES or quota:
-        cause = (f"quota {quota.group(1)} exceeded (limit {float(quota.group(2)):g} in region {quota.group(3)})"
-                 if quota else f"a quota exceeded ({message})")
+        kind, cause = QUOTA, (f"quota {quota.group(1)} exceeded (limit {float(quota.group(2)):g} in region "
+                              f"{quota.group(3)})" if quota else f"a quota exceeded ({message})")
         hint = "raise it under IAM & Admin > Quotas (or use smaller groups), then `sdm-peer group up CONFIG`"
     elif code in STOCKOUT_CODES:
-        cause = f"zone {zone} is out of capacity for its machine type ({code})"
-        hint = "try another zone (--set zone=...) or try again later"
+        kind, cause = CAPACITY, f"zone {zone} is out of capacity for its machine type ({code})"
+        hint = "try another zone of the region (--set zones=...: tried in order when one runs out), or try again later"
     elif missing:
-        cause = f"machine type {missing.group(1)} does not exist in zone {missing.group(2)}"
+        kind, cause = MACHINE_TYPE, f"machine type {missing.group(1)} does not exist in zone {missing.group(2)}"
         hint = "choose another machine_family or zone"
     else:
         cause = f"{code}: {message}"
         hint = f"see: gcloud compute instance-groups managed list-errors {name} --zone {zone}"
-    return GroupCannotRun(f"managed instance group {name} cannot make VMs: {cause}", hint=hint)
+    return GroupCannotRun(f"managed instance group {name} cannot make VMs: {cause}", hint=hint, cause=kind)
 
 
 def _permission_error(message, what):

@@ -21,17 +21,18 @@ import time
 from ... import replication
 from ... import settings as settings_mod
 from ...client import Client
-from ...errors import BadInput, SdmPeerError, ServerUnavailable, SettingsError
-from ...run import Started, init_run, provision_groups, stored_settings
+from ...errors import BadInput, ProviderError, SdmPeerError, ServerUnavailable, SettingsError
+from ...run import Started, init_run, provision_groups, stored_and_planned, stored_settings
 from ...rundir import RunDir, parse_address, read_token
 from ...states import PROVISIONING, RUNNING, WAITING
 from ...store import Store, config_name
 from .. import gce
 from ..base import GroupSpec
-from . import package
+from . import package, quotas
 
 BOOT_TIMEOUT = 900.0  # seconds for a new database VM to install sdm-peer and serve
 POLL_SECONDS = 2.0
+DRY_RUN_RETRY_SECONDS = 10.0  # a dry run gives up reading the quotas soon
 OWNER = "bootstrap"
 
 
@@ -50,23 +51,56 @@ def bootstrap_run(run, plan_file, settings, options, *, echo=print):
     settings = run_settings(run.path, {**settings, **settings_mod.validate(
         {key: value for key, value in flags.items() if value is not None})}, options.bucket)
     if options.dry_run:
-        dry_run(plan_file, settings, echo=echo)
+        dry_run(run, plan_file, settings, echo=echo)
         return None
+    from ...plan import read_plan
+
+    settings = fit_quotas(run.db, read_plan(plan_file), settings, echo=echo)
     run.path.mkdir(parents=True, exist_ok=True)
     counts = init_run(run.db, plan_file, settings)
     started = bootstrap(run, echo=echo)
     return Started(counts, "the run is on Compute Engine", f"--replica {started['replica_url']} --watch 30")
 
 
-def dry_run(plan_file, settings, *, echo=print):
-    """Print what bootstrap would do, every Compute Engine call included; write nothing."""
+def fit_quotas(db, plan, settings, *, echo=print, api=None, retry_seconds=None):
+    """The new settings, with max_vcpus from what the region's and the project's quotas leave
+    free unless given (or stored); refused (BadInput) when a config's one VM can never fit
+    them, before anything is written. `api`: a ComputeApi (default: the run's, retrying a
+    refusal for `retry_seconds` when given)."""
+    stored, configs = stored_and_planned(db, plan)
+    full = gce.gce_settings({**stored, **settings})
+    gce.check_run(full, [(cores, memory_gb) for _, cores, memory_gb in configs])  # before asking the cloud
+    if api is None:
+        from .api import ComputeApi
+
+        retrying = {} if retry_seconds is None else {"retry_seconds": retry_seconds}
+        api = ComputeApi(full["project"], full["zone"], **retrying)
+    region = full["zone"].rpartition("-")[0]
+    fitted = quotas.fit(full, configs, api.quotas(region), gce.GceProvider.billed_as)
+    if fitted.refusals:
+        more = f" (and {len(fitted.refusals) - 3} more)" if len(fitted.refusals) > 3 else ""
+        raise BadInput(f"{len(fitted.refusals)} quota refusal(s): " + " | ".join(fitted.refusals[:3]) + more,
+                       hint="raise the quota under IAM & Admin > Quotas, or shrink those rows in the plan")
+    for quota in fitted.consulted:
+        echo(f"quota {quota.metric} in {quota.where}: {quota.usage:g} of {quota.limit:g} in use")
+    if "max_vcpus" in settings or "max_vcpus" in stored:
+        return settings
+    echo(f"max_vcpus {fitted.max_vcpus}: what the quotas leave free for the groups")
+    return {**settings, "max_vcpus": fitted.max_vcpus}
+
+
+def dry_run(run, plan_file, settings, *, echo=print):
+    """Print what bootstrap would do, every Compute Engine call included; write nothing. The
+    quotas are read (a read changes nothing) where the credentials allow."""
     from ...plan import read_plan
     from .api import DryRunApi
 
     plan = read_plan(plan_file)
-    settings = settings_mod.with_defaults(settings)
-    gce.check_run(settings, [(config.cores, config.memory_gb) for config in plan.configs])
-    full = gce.gce_settings(settings)
+    try:
+        settings = fit_quotas(run.db, plan, settings, echo=echo, retry_seconds=DRY_RUN_RETRY_SECONDS)
+    except ProviderError as exc:
+        echo(f"could not read the quotas ({exc}): max_vcpus is not set from them")
+    full = gce.gce_settings(settings_mod.with_defaults(settings))
     api = DryRunApi(full["project"], full["zone"], echo=echo)
     echo(f"would write the database: {len(plan.experiments):,} experiments in {len(plan.configs):,} configs")
     echo(f"would push it to {full['replica_url']} (unless that replica already holds the run)")

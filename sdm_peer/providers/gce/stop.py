@@ -83,7 +83,8 @@ def dry_run(run, *, echo=print):
 
 def stored_run(run):
     """The run's gce settings and its configs' names, from RUNDIR/sdm.db (every config the run
-    was given: the database VM's copy cannot have more)."""
+    was given: the database VM's copy cannot have more; the zones of their groups are listed,
+    as that copy's may be older)."""
     with Store(run.db, readonly=True) as store:
         return gce.gce_settings(store.settings), [config["name"] for config in store.status(now=time.time())["configs"]]
 
@@ -93,12 +94,12 @@ def delete_groups(settings, configs, api):
     each one found: a study of thousands of configs has few left); the names of the configs whose
     group was there. Only the run's own names are deleted, whatever else shares their prefix."""
     provider = gce.GceProvider(settings, None, api=api)  # deleting needs no token
-    groups, templates = api.group_names(gce.run_prefix(settings)), api.template_names(gce.run_prefix(settings))
+    groups, templates = provider.group_zones(), api.template_names(gce.run_prefix(settings))
     removed = []
     for config in configs:
         name = gce.group_name(settings, config)
-        if groups is None or name in groups:  # None: not listed (a dry run), so by name
-            if provider.delete_group(GroupSpec(config)):
+        if groups is None or name in groups:  # None: not listed (a dry run), so by name in every zone
+            if provider.delete_group(GroupSpec(config, zone=groups and groups[name])):
                 removed.append(config)
         elif name in templates:  # left behind by a worker stopped between its group and its template
             api.delete_template(name)
