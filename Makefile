@@ -38,7 +38,7 @@ $(BENCH_STAMP): $(STAMP) setup.cfg
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	touch $(BENCH_STAMP)
 
-# Quick mode (under 3 minutes on 2 cores); `make bench FULL=1` for the long one.
+# Quick mode (about 4 minutes on 2 cores); `make bench FULL=1` for the long one.
 # Prints a markdown table and writes bench/results.json.
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/run.py $(if $(filter-out 0 no false,$(FULL)),--full)
