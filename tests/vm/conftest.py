@@ -1,14 +1,12 @@
 """`make vm-test`'s fixtures: the guest image, the host's fakes, and booting VMs under QEMU.
 Where QEMU cannot run, every test fails with the reason: nothing here skips."""
 
-import os
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
 
+from ..fake_gce import FakeCompute
 from . import host, image
 
 FIGURES = {}  # what the closing summary prints: image build time, boot-to-first-claim per VM
@@ -27,8 +25,11 @@ def box(tmp_path_factory):
     FIGURES["accelerator"] = accel
     buckets = tmp_path_factory.mktemp("buckets")
     services = host.Services([ours, deps], buckets).start()
-    yield {"image": image_dir, "accel": accel, "services": services, "buckets": buckets,
+    compute = FakeCompute().start()  # what a worker's hand-off talks to, from the guest or the host
+    yield {"image": image_dir, "accel": accel, "services": services, "buckets": buckets, "compute": compute,
+           "compute_env": {"SDM_GCE_API_ENDPOINT": compute.address, "NO_GCE_CHECK": "true"},
            "work": tmp_path_factory.mktemp("vms")}
+    compute.stop()
     services.stop()
 
 
@@ -38,9 +39,10 @@ def boot(box, request):
     A failing test's report carries every VM's diagnostics (see pytest_runtest_makereport)."""
     started = []
 
-    def start(name, items, **options):
+    def start(name, items, forwards=None, **options):
+        forwards = {host.GUEST_COMPUTE: box["compute"].httpd.server_address[1], **(forwards or {})}
         vm = host.Vm(name, items, image_dir=box["image"], services=box["services"], work_dir=box["work"],
-                     accel=box["accel"], **options).start()
+                     accel=box["accel"], forwards=forwards, **options).start()
         started.append(vm)
         return vm
 

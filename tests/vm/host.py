@@ -221,9 +221,10 @@ class Vm:
     """One guest under QEMU: its own metadata server, the shared services, the guestfwd relays."""
 
     def __init__(self, name, items, *, image_dir, services, work_dir, accel, forwards=None, host_forwards=(),
-                 shared_dir=None):
+                 disks=()):
         """`forwards`: guest address ip:port -> host port (the server, the Compute API, ...);
-        `host_forwards`: (host port, guest port) pairs; `shared_dir`: a 9p folder tagged `shared`."""
+        `host_forwards`: (host port, guest port) pairs; `disks`: raw images after the boot disk
+        (the first is the bucket, mounted at image.BUCKET_MOUNT)."""
         self.name, self.image_dir, self.services, self.accel = name, Path(image_dir), services, accel
         self.dir = Path(work_dir) / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +232,7 @@ class Vm:
         self.metadata = Metadata(name, items, self.mac).start()
         self.forwards = {f"{image.METADATA_IP}:80": self.metadata.port, f"{image.SERVICES_IP}:80": services.port,
                          **(forwards or {})}
-        self.host_forwards, self.shared_dir = host_forwards, shared_dir
+        self.host_forwards, self.disks = host_forwards, disks
         self.serial = self.dir / "serial.log"
         self.monitor = self.dir / "monitor.sock"
         self.process = None
@@ -252,8 +253,8 @@ class Vm:
             "-netdev", ",".join(netdev), "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}",
             "-serial", f"file:{self.serial}", "-monitor", f"unix:{self.monitor},server=on,wait=off",
         ]
-        if self.shared_dir:
-            command += ["-virtfs", f"local,path={self.shared_dir},mount_tag=shared,security_model=none,id=shared"]
+        for disk in self.disks:
+            command += ["-drive", f"file={disk},format=raw,if=virtio"]
         return command
 
     def start(self):

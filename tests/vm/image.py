@@ -172,6 +172,9 @@ def image():
     for old in CACHE.glob("debian12-*"):
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
+    for old in CACHE.glob("build-debian12-*.log"):
+        if old.stem != f"build-{target.name}":
+            old.unlink()
     return target, time.monotonic() - started
 
 
