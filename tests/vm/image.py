@@ -43,16 +43,22 @@ def run(*argv):
     except Exception as exc:
         return f"{argv[0]}: {exc}"
 
-sent = None
+sent, full, last_full = None, {}, 0.0
 while True:
+    # Cheap looks every 10 s; cloud-init (a python start, slow under TCG) and the journals when
+    # they change, or every minute.
     failed = [line.split()[0] for line in run("systemctl", "--failed", "--plain", "--no-legend").splitlines() if line.strip()]
-    report = {"hostname": socket.gethostname(), "uptime": float(open("/proc/uptime").read().split()[0]),
-              "system": run("systemctl", "is-system-running").strip(),
-              "cloud_init": run("cloud-init", "status", "--long"),
-              "failed": failed, "jobs": run("systemctl", "list-jobs", "--no-legend"),
-              "journal": {unit: run("journalctl", "-b", "-u", unit, "-n", "40", "--no-pager")
-                          for unit in failed + ["google-guest-agent", "sdm-peer-worker", "sdm-peer-serve",
-                                                "google-shutdown-scripts", "cloud-final"]}}
+    cheap = {"system": run("systemctl", "is-system-running").strip(), "failed": failed,
+             "jobs": run("systemctl", "list-jobs", "--no-legend")}
+    if cheap["system"] != full.get("system") or failed != full.get("failed") or time.monotonic() - last_full > 60:
+        full = {"cloud_init": run("cloud-init", "status", "--long"),
+                "journal": {unit: run("journalctl", "-b", "-u", unit, "-n", "40", "--no-pager")
+                            for unit in failed + ["google-guest-agent", "sdm-peer-worker", "sdm-peer-serve",
+                                                  "google-shutdown-scripts", "cloud-final"]}}
+        last_full = time.monotonic()
+    full.update(cheap)
+    full["processes"] = run("ps", "-eo", "args")
+    report = {"hostname": socket.gethostname(), "uptime": float(open("/proc/uptime").read().split()[0]), **full}
     summary = f"sdm-vm-report: up {report['uptime']:.0f}s system={report['system']} failed={failed} " \
               f"cloud-init={report['cloud_init'].splitlines()[0] if report['cloud_init'] else '?'}"
     if summary != sent:
@@ -130,8 +136,10 @@ def build(target, log):
     for sources in [rootfs / "etc/apt/sources.list", *(rootfs / "etc/apt/sources.list.d").glob("*")]:
         sources.unlink()
     _write(rootfs / "etc/apt/sources.list.d/sdm-local.list", f"deb [trusted=yes] file:{LOCAL_APT} ./\n")
+    # No byte-compiling at install: under TCG it takes minutes (modules compile as they are imported).
     _write(rootfs / "etc/pip.conf", f"[global]\nindex-url = http://{SERVICES_IP}/simple/\n"
-                                    f"trusted-host = {SERVICES_IP}\ndisable-pip-version-check = true\n")
+                                    f"trusted-host = {SERVICES_IP}\ndisable-pip-version-check = true\n"
+                                    "[install]\nno-compile = true\n")
     # The bucket: a second disk (the cloud kernel has no 9p), mounted where file:// replicas point.
     _write(rootfs / "etc/fstab", f"/dev/vda / ext4 defaults 0 1\n/dev/vdb {BUCKET_MOUNT} ext4 nofail,"
                                  "x-systemd.device-timeout=2s 0 2\n")
