@@ -23,7 +23,8 @@ CACHE = Path(__file__).resolve().parents[1] / ".cache" / "vm"
 # GCE datasource, the guest agent, python3 with venv) and the plain-DHCP networking bits.
 PACKAGES = ["linux-image-cloud-amd64", "systemd-sysv", "udev", "cloud-init", "google-guest-agent",
             "ca-certificates", "python3", "python3-venv", "iproute2", "ifupdown", "isc-dhcp-client", "netbase",
-            "locales"]  # cloud-init's locale module runs locale-gen
+            "locales",  # cloud-init's locale module runs locale-gen
+            "dbus"]  # without it no systemd-logind, and nothing acts on the ACPI power button
 # Fixed guest-side addresses of the host's fakes (QEMU guestfwd, see host.py).
 METADATA_IP = "169.254.169.254"
 SERVICES_IP = "169.254.169.253"
@@ -142,7 +143,7 @@ def build(target, log):
                                     "[install]\nno-compile = true\n")
     # The bucket: a second disk (the cloud kernel has no 9p), mounted where file:// replicas point.
     _write(rootfs / "etc/fstab", f"/dev/vda / ext4 defaults 0 1\n/dev/vdb {BUCKET_MOUNT} ext4 nofail,"
-                                 "x-systemd.device-timeout=2s 0 2\n")
+                                 "x-systemd.device-timeout=90s 0 2\n")
     # The worker provisions through the host's fake Compute API (DESIGN §6's test hook).
     _write(rootfs / "etc/systemd/system" / f"{cloudinit.WORKER_UNIT}.d/vm-test.conf",
            f"[Service]\nEnvironment=SDM_GCE_API_ENDPOINT={COMPUTE_IP}:80\n")

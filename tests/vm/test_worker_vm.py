@@ -44,10 +44,10 @@ def test_an_acpi_shutdown_runs_the_shutdown_script_and_interrupts_at_once(worker
     asked_before = len(worker.metadata.requests)
     worker.powerdown()
     stopped_at = time.monotonic()
-    ended = wait_for(lambda: [a for a in attempts(run) if a["key"] == running[0]["key"] and a["outcome"]], 120,
+    ended = wait_for(lambda: [a for a in attempts(run) if a["key"] == running[0]["key"] and a["outcome"]], 300,
                      "end of the running attempt")
     assert ended[0]["outcome"] == st.INTERRUPTED
-    assert time.monotonic() - stopped_at < 120  # the lease (900 s) did not lapse: it was given back
+    assert time.monotonic() - stopped_at < 300  # the lease (900 s) did not lapse: it was given back
     # The real shutdown-script ran: the guest agent's script runner read it, and `sdm-peer release
     # --from-metadata` read the token from the metadata server as the VM went down.
     after = worker.metadata.requests[asked_before:]
