@@ -236,7 +236,7 @@ class Vm:
         self.serial = self.dir / "serial.log"
         self.monitor = self.dir / "monitor.sock"
         self.process = None
-        self.started_at = None
+        self.started_at = self.started_wall = None
 
     def command(self):
         relay = f"{sys.executable} -S {RELAY}"
@@ -258,7 +258,7 @@ class Vm:
         return command
 
     def start(self):
-        self.started_at = time.monotonic()
+        self.started_at, self.started_wall = time.monotonic(), time.time()
         log = open(self.dir / "qemu.log", "wb")
         self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                         start_new_session=True)

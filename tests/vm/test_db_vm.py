@@ -31,7 +31,7 @@ def test_a_database_vm_restores_its_replica_and_serves_a_worker(database, worker
             return client.call("status")
         except Exception:
             return None
-    status = wait_for(answers, 1200, "answer from the database VM's server", vm, interval=5)
+    status = wait_for(answers, 1500, "answer from the database VM's server", vm, interval=5)
     FIGURES[f"boot to serving, {vm.name}"] = f"{time.monotonic() - vm.started_at:.0f} s"
     assert status["totals"]["total"] == 3  # the restored run, not a fresh database
     worker = subprocess.run(
@@ -52,4 +52,4 @@ def test_a_database_vm_restores_its_replica_and_serves_a_worker(database, worker
     restored = tmp_path / "restored.db"
     replication.restore(f"file://{tmp_path / 'replica'}", restored)
     with Store(restored, create=False) as store:
-        assert [e["state"] for e in store.experiments()] == [st.DONE] * 3
+        assert [e["status"] for e in store.experiments()] == [st.DONE] * 3

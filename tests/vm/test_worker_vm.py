@@ -12,7 +12,7 @@ from sdm_peer.providers.gce import metadata as md
 from ..runs import with_store
 from .conftest import FIGURES, VM, wait_for
 
-BOOT_SECONDS = 1200  # TCG on a shared core: boot, apt, venv and pip take minutes
+BOOT_SECONDS = 1500  # TCG on a core shared with other work: boot, apt, venv and pip take many minutes
 pytestmark = pytest.mark.timeout(1800)
 
 
@@ -23,7 +23,7 @@ def attempts(run):
 def test_a_worker_vm_boots_from_its_cloud_config_and_finishes_experiments(worker_server, worker):
     run, _ = worker_server
     first = wait_for(lambda: attempts(run), BOOT_SECONDS, "claim from the worker VM", worker)
-    FIGURES[f"boot to first claim, {VM}"] = f"{time.monotonic() - worker.started_at:.0f} s"
+    FIGURES[f"boot to first claim, {VM}"] = f"{min(a['claimed_at'] for a in first) - worker.started_wall:.0f} s"
     # Its name and shape came from the metadata server: the worker id is the VM's name.
     assert {a["worker"] for a in first} == {VM}
     done = wait_for(lambda: len(finished := [a for a in attempts(run) if a["outcome"] == st.DONE]) == 3 and finished,
@@ -46,11 +46,11 @@ def test_an_acpi_shutdown_runs_the_shutdown_script_and_interrupts_at_once(worker
     stopped_at = time.monotonic()
     ended = wait_for(lambda: [a for a in attempts(run) if a["key"] == running[0]["key"] and a["outcome"]], 300,
                      "end of the running attempt")
-    assert ended[0]["outcome"] == st.INTERRUPTED
+    assert ended[0]["outcome"] == st.INTERRUPTED, ended
     assert time.monotonic() - stopped_at < 300  # the lease (900 s) did not lapse: it was given back
+    assert worker.wait_stopped(300) is not None, "the VM did not power off"
     # The real shutdown-script ran: the guest agent's script runner read it, and `sdm-peer release
     # --from-metadata` read the token from the metadata server as the VM went down.
     after = worker.metadata.requests[asked_before:]
-    assert any("shutdown-script" in path for path in after), after
-    assert any(md.TOKEN_KEY in path for path in after), after
-    assert worker.wait_stopped(180) is not None, "the VM did not power off"
+    assert any("shutdown-script" in path for path in after), (after, ended)
+    assert any(md.TOKEN_KEY in path for path in after), (after, ended)
