@@ -49,8 +49,9 @@ def test_an_acpi_shutdown_runs_the_shutdown_script_and_interrupts_at_once(worker
     assert ended[0]["outcome"] == st.INTERRUPTED, ended
     assert time.monotonic() - stopped_at < 300  # the lease (900 s) did not lapse: it was given back
     assert worker.wait_stopped(300) is not None, "the VM did not power off"
-    # The real shutdown-script ran: the guest agent's script runner read it, and `sdm-peer release
-    # --from-metadata` read the token from the metadata server as the VM went down.
+    # The real shutdown-script ran: the guest agent's script runner read the attributes (it takes
+    # `shutdown-script` from their recursive JSON), then `sdm-peer release --from-metadata` read
+    # the server and token from the metadata server as the VM went down.
     after = worker.metadata.requests[asked_before:]
-    assert any("shutdown-script" in path for path in after), (after, ended)
-    assert any(md.TOKEN_KEY in path for path in after), (after, ended)
+    runner = [i for i, path in enumerate(after) if path.startswith("/computeMetadata/v1/instance/attributes/?")]
+    assert runner and any(md.TOKEN_KEY in path for path in after[runner[0]:]), (after, ended)
