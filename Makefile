@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test bench chaos clean
+.PHONY: demo test vm-test bench chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,22 @@ $(CHROMIUM):
 
 test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Compute Engine in a box (tests/vm/, README "vm-test"): real VMs under QEMU boot the cloud-configs.
+# Installs QEMU, mmdebstrap and e2fsprogs as root with apt-get when missing; fails, never skips,
+# where they cannot be had or QEMU cannot run.
+VM_TOOLS := qemu-system-x86 mmdebstrap e2fsprogs
+VM_APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(VM_TOOLS)
+vm-test: $(STAMP)
+	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v mmdebstrap >/dev/null \
+			|| ! command -v mkfs.ext4 >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			$(VM_APT_INSTALL) || { apt-get update -q && $(VM_APT_INSTALL); }; \
+		else \
+			echo "vm-test needs $(VM_TOOLS), and installing them needs root and apt-get"; exit 1; \
+		fi; \
+	fi
+	$(BIN)/python -m pytest -p no:cacheprovider tests/vm $(PYTEST_ARGS)
 
 # The bench-only dependencies (the peers it measures against, psutil): setup.cfg's `bench` extra.
 $(BENCH_STAMP): $(STAMP) setup.cfg
