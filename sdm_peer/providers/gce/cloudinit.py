@@ -18,6 +18,9 @@ VM_WHEEL_DIR = "/opt/sdm-peer/wheels"
 WORKER_UNIT = "sdm-peer-worker.service"
 SERVE_UNIT = "sdm-peer-serve.service"
 
+# Every package a cloud-config may name (`packages`); git only where something is cloned.
+PACKAGES = ("python3-venv", "git")
+
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
@@ -61,11 +64,20 @@ def installing(settings):
             "sdm_peer_spec": _yaml_string(spec or f"{wheel_file}[gce]")}
 
 
+def _packages(settings, code_url=""):
+    """The distribution packages a VM installs: python3-venv, and git where pip installs a git
+    `sdm_peer_spec` or fetch-code clones the `code_url` (anything but a gs:// one)."""
+    clones = "git+" in (settings.get("sdm_peer_spec") or "") or (code_url and not code_url.startswith("gs://"))
+    return json.dumps([name for name in PACKAGES if name != "git" or clones])
+
+
 def render_worker(settings):
     """The worker VM's cloud-config for a run (settings with the gce defaults applied)."""
+    code_url = settings.get("code_url") or ""
     return _render("worker.yaml", {
         "run_name": settings["run_name"],
-        "code_url": _yaml_string(settings.get("code_url") or ""),
+        "packages": _packages(settings, code_url),
+        "code_url": _yaml_string(code_url),
         **installing(settings),
     })
 
@@ -74,6 +86,7 @@ def render_db(settings, token, port):
     """The database VM's cloud-config: the token file and the replicated server."""
     return _render("db.yaml", {
         "run_name": settings["run_name"],
+        "packages": _packages(settings),
         "token": _yaml_string(token),
         "port": int(port),
         "replica_url": _systemd_word(settings["replica_url"]),
