@@ -4,10 +4,13 @@ event and in status; a raised cap resumes it."""
 
 import json
 
+import pytest
+
 from sdm_peer import prices
 from sdm_peer import states as st
 from sdm_peer.overview import account_text, overview
 from sdm_peer.plan import Plan
+from sdm_peer.providers.base import CAPACITY
 from sdm_peer.run import bootstrap
 
 from .conftest import T0, claim, grid
@@ -51,6 +54,22 @@ def test_at_the_cap_nothing_is_claimed_or_provisioned_and_a_raised_cap_resumes(m
     assert claim(store, "w1", (2, 4), later)["experiment"] is not None
     assert [e["detail"]["stopped"] for e in store.events(kind="budget")] == [True, False]
     assert first["config"] == "c2-m4"
+
+
+def test_a_group_made_standard_after_spot_fallback_minutes_is_priced_standard(make_store):
+    # $1 per vCPU-hour standard, a quarter of it spot, in every family (the database VM's too).
+    flat = {family: {"vcpu_hour": 1.0, "gb_hour": 0.0, "spot_vcpu_hour": 0.25, "spot_gb_hour": 0.0}
+            for family in prices.PRICES}
+    store = make_store(grid([(2, 4), (2, 8)], 1), provider="gce", zone="us-central1-a", max_vcpus=8,
+                       spot_fallback_minutes=0, prices=flat)
+    spot, made_standard = store.acquire_provisioning("bootstrap", now=T0)["provisions"]
+    moved = store.group_failed(made_standard["provision_token"], "no spot capacity", cause=CAPACITY, now=T0)
+    assert moved["provision"]["standard"] is True and spot["standard"] is False
+    claim(store, "w-spot", (2, 4), T0 + 10)
+    claim(store, "w-standard", (2, 8), T0 + 10)
+    # Each worker's first minute: 2 vCPUs spot, 2 standard; and the e2-small database VM's 10 s.
+    expected = 2 * 0.25 / 60 + 2 * 1.0 / 60 + 0.5 * 1.0 * 10 / 3600
+    assert store.spend(now=T0 + 10)["usd"] == pytest.approx(expected, abs=1e-4)
 
 
 # A worker of one core costs $1 for its first minute; the run's workers live seconds, so the
