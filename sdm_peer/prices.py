@@ -50,15 +50,16 @@ def _provider(kind):
 
 
 def spend_usd(settings, alive_by_shape, run_seconds):
-    """A run's spend so far: each (cores, memory_gb, seconds alive) of its workers at its
-    provider's family and provisioning model, plus the run's own machines (the database VM)
-    for `run_seconds`."""
+    """A run's spend so far: each (cores, memory_gb, standard, seconds alive) of its workers at
+    its provider's family and provisioning model (`standard`: a group made standard after
+    spot_fallback_minutes, whatever the run asks for), plus the run's own machines (the
+    database VM) for `run_seconds`."""
     provider = _provider(settings.get("provider", "none"))
     table = price_table(settings.get("prices"))
     usd = 0.0
-    for cores, memory_gb, seconds in alive_by_shape:
+    for cores, memory_gb, standard, seconds in alive_by_shape:
         family, spot = provider.billed_as(settings, cores, memory_gb) if provider else ("local", False)
-        usd += seconds / 3600 * hourly(table, family, cores, memory_gb, spot)
+        usd += seconds / 3600 * hourly(table, family, cores, memory_gb, spot and not standard)
     for family, cores, memory_gb in (provider.run_machines if provider else ()):
         usd += max(run_seconds, 0.0) / 3600 * hourly(table, family, cores, memory_gb, False)
     return usd

@@ -285,13 +285,15 @@ def bootstrap(run, *, lease_seconds=None, owner="bootstrap", http_port=None):
 
 
 def provision_groups(client, provider, *, owner="bootstrap", echo=None):
-    """Make sure the groups of running configs exist (creating is idempotent: after a reboot, or
-    a budget raised, this restarts them), then take the provisioning leases bootstrap is given
-    (lapsed ones; as many configs as max_vcpus holds), create their groups and report each. A
-    group that cannot run is removed and reported as a worker does, then raised (ProviderError
-    naming the cause)."""
-    for config in client.call("status")["configs"]:
-        if config["state"] == RUNNING:
+    """Make sure the groups of running configs exist, and of those provisioned whose workers
+    have not claimed yet (creating is idempotent: after a reboot, or a budget raised, this
+    restarts them), then take the provisioning leases bootstrap is given (lapsed ones; as many
+    configs as max_vcpus holds), create their groups and report each. A group that cannot run
+    is removed and reported as a worker does, then raised (ProviderError naming the cause)."""
+    status = client.call("status")
+    made = {row["config"] for row in status["provisioning"] if row["seconds_left"] is None}
+    for config in status["configs"]:
+        if config["state"] == RUNNING or config["name"] in made:
             provider.create_group(GroupSpec.from_config(config))
     for provision in provisions_of(client.call("acquire_provisioning", owner=owner)):
         failed = provision_group(client, provider, provision, owner)

@@ -130,7 +130,7 @@ class Simulation:
         self.configs = [dataclasses.asdict(config) for config in plan.configs]
         self.measures = dict.fromkeys(("vm_seconds", "busy_seconds", "rerun_seconds"), 0.0)
         self.counts = dict.fromkeys(("preemptions", "shutdown_script_misses", "interventions", "vms"), 0)
-        self.vm_lives = []  # (cores, memory_gb, seconds billed) of every VM gone
+        self.vm_lives = []  # (cores, memory_gb, standard, seconds billed) of every VM gone
         tuned = scenario in ("sdm-peer+prewarm+shrink", CONCURRENT)
         settings = {"provider": "none" if self.replaced else "local",
                     "lease_seconds": NEVER_LAPSES if self.replaced else LEASE_SECONDS,
@@ -195,7 +195,8 @@ class Simulation:
         vm.group.vms.discard(vm)
         self.measures["vm_seconds"] += vm.ended - vm.created
         config = vm.group.config
-        self.vm_lives.append((config["cores"], config["memory_gb"], max(vm.ended - vm.created, MINIMUM_SECONDS)))
+        self.vm_lives.append((config["cores"], config["memory_gb"], False,
+                               max(vm.ended - vm.created, MINIMUM_SECONDS)))
 
     def delete_group(self, group):
         group.deleted = True

@@ -159,9 +159,17 @@ QUERIES = {
     "next_waiting": f"SELECT id, cores, group_size FROM configs WHERE state = '{st.WAITING}' ORDER BY sequence LIMIT 1",
     "vcpus_in_use": f"SELECT COALESCE(SUM(cores * vms), 0) FROM configs"
                     f" WHERE state IN {_sql_list((st.PROVISIONING, st.RUNNING))}",
-    # Spend (DESIGN §8): each worker's seconds alive (first to last call, a minute at least) by shape.
-    "alive_by_shape": "SELECT cores, memory_gb, SUM(MAX(last_seen - first_seen, :minimum)) AS seconds"
-                      " FROM workers GROUP BY cores, memory_gb",
+    # Spend (DESIGN §8): each worker's seconds alive (first to last call, a minute at least) by
+    # shape and model: a worker first seen once its config's group was made standard (the
+    # spot_fallback event) is a standard VM, the others spot where the run asks for spot.
+    "alive_by_shape": """WITH standard_since AS (
+            SELECT c.cores, c.memory_gb, (SELECT MIN(e.at) FROM events e
+                                          WHERE e.config = c.name AND e.kind = 'spot_fallback') AS at
+            FROM configs c WHERE c.standard = 1)
+        SELECT w.cores, w.memory_gb, COALESCE(w.first_seen >= s.at, 0) AS standard,
+               SUM(MAX(w.last_seen - w.first_seen, :minimum)) AS seconds
+        FROM workers w LEFT JOIN standard_since s ON s.cores = w.cores AND s.memory_gb = w.memory_gb
+        GROUP BY w.cores, w.memory_gb, standard""",
     "run_started": "SELECT MIN(at) FROM events",
     "last_budget_event": "SELECT detail FROM events WHERE config IS NULL AND kind = 'budget' ORDER BY id DESC LIMIT 1",
     "leases_of_config": f"SELECT EXISTS (SELECT 1 FROM experiments WHERE config = ? AND {IS_STARTED})",
@@ -820,7 +828,7 @@ class Store:
 
     def _spend_usd(self, db, now):
         """USD spent so far: every worker's seconds alive (a minute at least) at its shape's
-        price, and the run's own machines since its first event (prices.py)."""
+        and model's price, and the run's own machines since its first event (prices.py)."""
         alive = db.execute(SQL["alive_by_shape"], {"minimum": prices.MINIMUM_SECONDS}).fetchall()
         started = db.execute(SQL["run_started"]).fetchone()[0]
         settings = {**self.settings, "prices": self._setting(db, "prices")}

@@ -283,7 +283,8 @@ class Worker:
             self.leave_group(answer["config"])
 
     def sweep_templates(self, provider):
-        """What finished configs' groups left behind (a gce template), swept by the provisioner."""
+        """What finished configs' groups left behind (a gce template), swept by a provisioner
+        and by a worker removing its own group."""
         status = self._call("status")
         if status:
             try:
@@ -316,11 +317,14 @@ class Worker:
             self.provision_all(provisions)
 
     def remove_own_group(self, config):
-        """The config is finished and handed off: remove the group this worker belongs to.
-        The record goes first, since removing the group may end this very process."""
+        """The config is finished and handed off (or the budget is spent): remove the group
+        this worker belongs to. First what finished configs' groups left behind (with configs
+        running at once, no provisioner may come after the last ones), then the record, since
+        removing the group may end this very process."""
         provider = self._provider()
         if provider is None or self.own_group != config:
             return
+        self.sweep_templates(provider)
         self._call("group_deleted", config=config, worker_id=self.worker_id)
         try:
             provider.delete_group(GroupSpec(config))

@@ -35,6 +35,14 @@ else:
 if params.get("exit"):
     print("failing on purpose", file=sys.stderr)
     sys.exit(params["exit"])
+if params.get("touch"):
+    open(params["touch"], "w").close()
+if params.get("wait_for"):  # a gate the test opens: the experiment runs until the file exists
+    deadline = time.monotonic() + 60
+    while not os.path.exists(params["wait_for"]):
+        if time.monotonic() > deadline:
+            sys.exit(f"no {params['wait_for']} within 60 s")
+        time.sleep(0.02)
 seconds = params.get("sleep", 0.1)
 if params.get("first_attempt_sleep") and os.environ["SDM_ATTEMPT"] == "1":
     seconds = params["first_attempt_sleep"]

@@ -1,7 +1,8 @@
 """Many configurations at once (DESIGN §8): a finishing config hands off to as many WAITING
 configs, in sequence order, as the free vCPUs of max_vcpus hold, in the same transaction; a
 group is made smaller to fit; a group that cannot run gives its vCPUs back; a local run keeps
-two configs RUNNING at once under max_vcpus=2."""
+two configs RUNNING at once under max_vcpus=2; the last configs' templates do not outlive their
+groups on Compute Engine."""
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -9,12 +10,17 @@ from hypothesis import strategies as hs
 from hypothesis.stateful import invariant, precondition, rule
 
 from sdm_peer import states as st
+from sdm_peer.client import Client
 from sdm_peer.errors import BadInput
-from sdm_peer.run import bootstrap
+from sdm_peer.providers.gce import GceProvider
+from sdm_peer.providers.gce.api import ComputeApi
+from sdm_peer.run import bootstrap, provision_groups
 from sdm_peer.rundir import RunDir
+from sdm_peer.worker import Worker
 
 from .conftest import T0, claim, grid
-from .runs import all_done, init, job_command, shape_rows, status, wait_for
+from .fake_gce import FakeCompute
+from .runs import all_done, init, job_command, shape_rows, start_server, status, wait_for
 from .test_e2e_local import assert_done_exactly_once, events
 from .test_store_properties import PER_CONFIG, SHAPES, StoreMachine, table
 
@@ -88,6 +94,38 @@ def test_a_local_run_keeps_two_configs_running_at_once_under_max_vcpus_2(run, tm
     wait_for(lambda: all_done(run), timeout=60, what="every config DONE")
     assert_done_exactly_once(run)
     assert [e["detail"] for e in events(run, "handoff")] == [{"from": None}, {"from": None}]
+
+
+def test_the_worker_removing_the_last_group_sweeps_the_templates_finished_configs_left(run):
+    # Two configs at once on the strict fake Compute Engine; no config waits, so no provisioner
+    # comes after them to sweep a template.
+    settings = {"provider": "gce", "project": "my-proj", "zone": "us-central1-a", "run_name": "r", "max_vcpus": 8}
+    fake = FakeCompute(retry_delay=0.05).start()
+    init(run, shape_rows((1, 1), 1) + shape_rows((2, 4), 1), **settings)
+    server = start_server(run)
+    client = Client.for_run_dir(run)
+    api = ComputeApi("my-proj", "us-central1-a", endpoint=fake.address, retry_seconds=5.0, retry_wait=(0.01, 0.05))
+    provider = GceProvider(settings, "the-token", api=api)
+    try:
+        provision_groups(client, provider)
+        assert set(fake.groups) == set(fake.templates) == {"sdm-r-c1-m1", "sdm-r-c2-m4"}
+        for worker, (cores, memory_gb) in (("w1", (1, 1)), ("w2", (2, 4))):
+            experiment = client.call("claim", worker_id=worker, cores=cores, memory_gb=memory_gb)["experiment"]
+            assert client.call("complete", lease_token=experiment["lease_token"], result={},
+                               wall_seconds=1.0)["provisions"] == []
+        fake.drop_group("sdm-r-c1-m1")  # c1-m1's worker deleted its group and died with it
+        assert set(fake.templates) == {"sdm-r-c1-m1", "sdm-r-c2-m4"}
+        last = Worker(client, ["true"], worker_id="w2", cores=2, memory_gb=4, work_root=run.work,
+                      provider_for=lambda _: provider, own_group="c2-m4")
+        last.remove_own_group("c2-m4")
+        assert fake.groups == {} and fake.templates == {}
+        deletions = [path.rsplit("/", 1)[1] for method, path, _ in fake.requests if method == "DELETE"]
+        assert deletions.index("sdm-r-c1-m1") < deletions.index("sdm-r-c2-m4")  # swept before its own went
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(timeout=15)
+        fake.stop()
 
 
 class ConcurrentStoreMachine(StoreMachine):

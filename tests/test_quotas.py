@@ -113,6 +113,19 @@ def test_the_dry_run_reads_the_quotas_and_says_what_it_could_not(fake, tmp_path)
     assert not fake.calls("POST")
 
 
+def test_the_dry_run_prints_every_group_bootstrap_would_start_each_made_smaller_to_fit(fake, tmp_path):
+    fake.quotas["CPUS"] = 12.0  # max_vcpus 10: c4-m16's 2 VMs, then 1 of c2-m8's 2; c8-m32 waits
+    plan_path = plan_file(tmp_path, shape_rows((4, 16), 2, 2) + shape_rows((2, 8), 2, 2) + shape_rows((8, 32), 2, 2))
+    shown = bootstrap(tmp_path, plan_path, "--dry-run")
+    assert shown.exit_code == 0, shown.output
+    assert "would start the group of c4-m16: 2 VM(s) of 4 vCPUs" in shown.output
+    assert "would start the group of c2-m8: 1 VM(s) of 2 vCPUs" in shown.output
+    groups = [json.loads(line.split(" ", 2)[2]) for line in shown.output.splitlines()
+              if line.startswith("POST ") and line.split(" ", 2)[1].endswith("/instanceGroupManagers")]
+    assert [(group["name"], group["targetSize"]) for group in groups] == [("sdm-run-c4-m16", 2), ("sdm-run-c2-m8", 1)]
+    assert not fake.calls("POST") and not (tmp_path / "run" / "sdm.db").exists()
+
+
 def test_what_each_config_takes_one_of_and_addresses_are_respected():
     def quotas(**limits):
         return {metric: Quota(metric, limit, 0.0, "region r") for metric, limit in limits.items()}

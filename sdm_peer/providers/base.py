@@ -115,9 +115,9 @@ class Provider(Protocol):
 
     def sweep_templates(self, finished):
         """What the groups of the `finished` configs (names) left behind once gone, removed by
-        the next provisioner: a worker that deletes its own group can die before it removes
-        the rest (a cloud group's instance template). The names of what was removed; by
-        default nothing is left behind."""
+        the next provisioner, or by the next worker to remove its own group: a worker that
+        deletes its own group can die before it removes the rest (a cloud group's instance
+        template). The names of what was removed; by default nothing is left behind."""
         return []
 
     # The run's own machines, billed beside its groups while it lasts (DESIGN §8), as

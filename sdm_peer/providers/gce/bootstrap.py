@@ -17,6 +17,7 @@ call instead and changes nothing. `--http-port` is refused: the database VM serv
 
 import tempfile
 import time
+from pathlib import Path
 
 from ... import replication
 from ... import settings as settings_mod
@@ -25,7 +26,8 @@ from ...errors import BadInput, ProviderError, SdmPeerError, ServerUnavailable, 
 from ...run import Started, init_run, provision_groups, stored_and_planned, stored_settings
 from ...rundir import RunDir, parse_address, read_token
 from ...states import PROVISIONING, RUNNING, WAITING
-from ...store import Store, config_name
+from ...store import Store
+from ...worker import provisions_of
 from .. import gce
 from ..base import GroupSpec
 from . import package, quotas
@@ -109,10 +111,19 @@ def dry_run(run, plan_file, settings, *, echo=print):
     api.insert_firewall(gce.firewall_body(full))
     api.insert_instance(gce.db_vm_body(full, "<token>"))
     echo(f"would wait until the server at {full['server']} answers")
-    first = plan.configs[0]
-    spec = GroupSpec(config_name(first.cores, first.memory_gb), first.cores, first.memory_gb,
-                     first.group_size or full["group_size"])
-    gce.GceProvider(full, "<token>", api=api).create_group(spec)
+    provider = gce.GceProvider(full, "<token>", api=api)
+    for spec in first_groups(plan, settings):
+        echo(f"would start the group of {spec.name}: {spec.group_size} VM(s) of {spec.cores} vCPUs")
+        provider.create_group(spec)
+
+
+def first_groups(plan, settings):
+    """The groups bootstrap starts first (as many configs as max_vcpus holds, each made smaller
+    to fit), chosen by the store itself: a scratch database of the plan, asked for them."""
+    with tempfile.TemporaryDirectory() as directory, Store(Path(directory) / "sdm.db") as store:
+        store.import_plan(plan, settings=settings, now=time.time())
+        return [GroupSpec.from_provision(provision)
+                for provision in provisions_of(store.acquire_provisioning(OWNER, now=time.time()))]
 
 
 def bootstrap(run, *, echo=print, api=None):
