@@ -476,9 +476,9 @@ class Store:
                 try:
                     outcomes.append((True, call()))
                 except Exception as exc:  # noqa: BLE001 - each call gets its own outcome
-                    if self._spoiled:
-                        raise _Spoiled from exc  # the batch rolls back
                     outcomes.append((False, exc))
+                if self._spoiled:  # even where the call answered the failure itself
+                    raise _Spoiled  # the batch rolls back
         return outcomes
 
     @contextlib.contextmanager
