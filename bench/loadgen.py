@@ -88,9 +88,11 @@ def _cycle_thread(job, ready, go, start, report):
 
 
 def _renew_thread(job, ready, go, start, report):
-    """Renew the job's leases round-robin at `rate` per second, the first at start + offset.
+    """Renew the job's leases round-robin at `rate` per second, the first at start + offset
+    (`together` of them in each request: the list form).
     A renewal that falls behind its schedule is sent at once (no burst to catch up is skipped)."""
-    leases, rate = job["leases"], job["rate"]
+    leases, together = job["leases"], job.get("together", 1)
+    rate = job["rate"] / together  # requests per second
     latencies, sent, lost, error = [], 0, 0, None
     connection = None
     try:
@@ -112,12 +114,18 @@ def _renew_thread(job, ready, go, start, report):
             if pause > 0:
                 time.sleep(pause)
             t0 = time.perf_counter()
-            try:
-                connection.call("renew", lease_token=leases[number % len(leases)])
-            except Refused:
-                lost += 1
+            if together == 1:
+                try:
+                    connection.call("renew", lease_token=leases[number % len(leases)])
+                except Refused:
+                    lost += 1
+            else:  # the list form: `together` leases in one request
+                first = number * together
+                chosen = [leases[(first + n) % len(leases)] for n in range(together)]
+                answer = connection.call("renew", leases=[{"lease_token": token} for token in chosen])
+                lost += sum(not entry["ok"] for entry in answer["leases"])
             latencies.append(time.perf_counter() - t0)
-            sent += 1
+            sent += together
     except Exception as exc:  # noqa: BLE001
         error = repr(exc)
     finally:

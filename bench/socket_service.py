@@ -95,9 +95,10 @@ def cycles(template, directory, clients, *, durable, duration):
         shutil.rmtree(run.path, ignore_errors=True)
 
 
-def renewals(template, directory, *, leases, connections, rate, duration, processes=4):
+def renewals(template, directory, *, leases, connections, rate, duration, processes=4, together=1):
     """`leases` experiments claimed (through the store, before the server starts), then renewed
-    round-robin by `connections` connections at `rate` renewals/s in all for `duration` s."""
+    round-robin by `connections` connections at `rate` renewals/s in all for `duration` s
+    (`together` leases in each request: a worker renewing all its leases at once)."""
     run = copy_run(template, directory)
     try:
         store = Store(run.db, create=False)
@@ -114,7 +115,8 @@ def renewals(template, directory, *, leases, connections, rate, duration, proces
             for threads in loadgen.split(connections, processes):
                 jobs.append([{"address": process.address, "token": process.token,
                               "leases": tokens[(number + i)::connections], "rate": per_connection,
-                              "offset": (number + i) / rate, "duration": duration} for i in range(threads)])
+                              "offset": (number + i) * together / rate, "duration": duration, "together": together}
+                             for i in range(threads)])
                 number += threads
             window = CpuWindow(process.pid, duration)
             _, reports = loadgen.run("renew", jobs, timeout=duration + 120, on_start=window.start)

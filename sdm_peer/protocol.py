@@ -9,7 +9,7 @@ import json
 import math
 from typing import Callable
 
-from .errors import BadInput, SdmPeerError
+from .errors import BadInput, LeaseLost, SdmPeerError
 from .overview import overview
 
 VERSION = 1
@@ -18,6 +18,7 @@ MAX_TEXT = 256  # ids, tokens, names
 MAX_ERROR_TEXT = 64 * 1024
 MAX_CAUSE_TEXT = 1000  # why a group cannot run: one line
 MAX_INT = (1 << 63) - 1  # SQLite's integers are 64-bit
+MAX_LEASES = 1000  # leases in one `renew`
 
 _NUMBER = (int, float)
 
@@ -25,9 +26,10 @@ _NUMBER = (int, float)
 class Spec:
     """One argument: its type, whether it must be given, and its bounds."""
 
-    def __init__(self, kind, required=True, *, positive=False, max_len=MAX_TEXT, nullable=False):
+    def __init__(self, kind, required=True, *, positive=False, max_len=MAX_TEXT, nullable=False, items=None):
         self.kind, self.required, self.positive = kind, required, positive
         self.max_len, self.nullable = max_len, nullable
+        self.items = items  # a list's: the specs of its objects' fields, exactly one of which is given
 
     def check(self, op, name, value):
         if value is None and self.nullable:
@@ -44,10 +46,15 @@ class Spec:
             raise BadInput(f"{op}: argument {name!r} must be positive")
         if kind is str and not 0 < len(value) <= self.max_len:
             raise BadInput(f"{op}: argument {name!r} must be 1 to {self.max_len} characters")
+        if kind is list:
+            if not 0 < len(value) <= self.max_len:
+                raise BadInput(f"{op}: argument {name!r} must hold 1 to {self.max_len} items")
+            return [_checked_fields(f"{op}: {name}[{n}]", self.items, item, one_of=tuple(self.items))
+                    for n, item in enumerate(value)]
         return value
 
 
-_KIND_WORDS = {str: "a string", int: "an integer", _NUMBER: "a number", dict: "a JSON object"}
+_KIND_WORDS = {str: "a string", int: "an integer", _NUMBER: "a number", dict: "a JSON object", list: "a JSON array"}
 
 READ, WRITE = "read", "write"  # lanes: the read thread's read-only connection, or the writer's batches
 
@@ -81,6 +88,21 @@ def _status(store, args, context):
     return overview(store, now=context.now, with_replication=False)  # the server never waits on Litestream
 
 
+def _renew(store, args, context):
+    """One lease's renewal, or with `leases` each one's, as it would be answered alone: a
+    refused lease is reported in its own entry and the others are renewed all the same."""
+    if "leases" not in args:
+        return store.renew(**args, now=context.now, lease_seconds=context.lease_seconds)
+    answers = []
+    for lease in args["leases"]:
+        try:
+            answers.append({**lease, "ok": True,
+                            **store.renew(**lease, now=context.now, lease_seconds=context.lease_seconds)})
+        except LeaseLost as exc:
+            answers.append({**lease, "ok": False, "error": {"code": exc.code, "message": str(exc)}})
+    return {"leases": answers}
+
+
 def _release(store, args, context):
     return store.release(**{"reason": "released", **args}, now=context.now)
 
@@ -94,13 +116,14 @@ def _transition(method, *, leases=False):
     return handler
 
 
+LEASE = {"lease_token": Spec(str, False), "provision_token": Spec(str, False)}
 SHAPE = {"worker_id": Spec(str), "cores": Spec(int, positive=True), "memory_gb": Spec(_NUMBER, positive=True)}
 # Every op, in the order an unknown op's refusal lists them; the README's protocol table documents each.
 OPS = {
     "hello": Op(SHAPE, _hello),
     "claim": Op(SHAPE, _transition("claim", leases=True)),
-    "renew": Op({"lease_token": Spec(str, False), "provision_token": Spec(str, False)},
-                _transition("renew", leases=True), one_of=("lease_token", "provision_token"), gathered=True),
+    "renew": Op({**LEASE, "leases": Spec(list, False, max_len=MAX_LEASES, items=LEASE)}, _renew,
+                one_of=("lease_token", "provision_token", "leases"), gathered=True),
     "complete": Op({"lease_token": Spec(str), "result": Spec(dict), "wall_seconds": Spec(_NUMBER),
                     "host": Spec(dict, False)}, _transition("complete")),
     "fail": Op({"lease_token": Spec(str), "error": Spec(str, max_len=MAX_ERROR_TEXT),
@@ -177,18 +200,24 @@ def _finite_float(text):
 
 
 def check_args(op, args):
-    specs, one_of = OPS[op].args, OPS[op].one_of
+    return _checked_fields(op, OPS[op].args, args, one_of=OPS[op].one_of)
+
+
+def _checked_fields(where, specs, args, *, one_of=()):
+    """`args` checked against `specs` (`where` starts each refusal)."""
+    if not isinstance(args, dict):
+        raise BadInput(f"{where} must be a JSON object")
     unknown = set(args) - set(specs)
     if unknown:
-        raise BadInput(f"{op}: unknown argument {sorted(unknown)[0]!r}; expected {', '.join(specs) or 'none'}")
+        raise BadInput(f"{where}: unknown argument {sorted(unknown)[0]!r}; expected {', '.join(specs) or 'none'}")
     clean = {}
     for name, spec in specs.items():
         if name in args:
-            clean[name] = spec.check(op, name, args[name])
+            clean[name] = spec.check(where, name, args[name])
         elif spec.required:
-            raise BadInput(f"{op}: missing argument {name!r}")
+            raise BadInput(f"{where}: missing argument {name!r}")
     if one_of and sum(clean.get(name) is not None for name in one_of) != 1:
-        raise BadInput(f"{op}: give exactly one of {' or '.join(one_of)}")
+        raise BadInput(f"{where}: give exactly one of {' or '.join(one_of)}")
     return clean
 
 

@@ -9,6 +9,7 @@ With the `shrink` setting, a worker the server tells to leave (nothing to claim,
 peers) leaves its group and exits 0.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -240,7 +241,7 @@ class Worker:
     def _provider(self):
         return self.provider_for(self.settings) if self.provider_for else None
 
-    def provision(self, provision):
+    def provision(self, provision, keeper=None):
         """Create the next config's group, then say so. The provisioning lease is renewed while
         the group is created (on the cloud that can outlast a lease period); if the group cannot
         run, the cause is reported and the server backs off its retry (provision_group); if the
@@ -250,7 +251,7 @@ class Worker:
             log.warning("given the provisioning of %s but no provider is configured here", provision["config"])
             return
         log.info("provisioning the group of %s", provision["config"])
-        if provision_group(self.client, provider, provision, self.worker_id, call=self._call) is not None:
+        if provision_group(self.client, provider, provision, self.worker_id, call=self._call, keeper=keeper) is not None:
             return
         failpoint("after_create_group")
         try:
@@ -260,13 +261,14 @@ class Worker:
             return
         self.sweep_templates(provider)
 
-    def provision_all(self, provisions):
+    def provision_all(self, provisions, keeper=None):
         """Create the groups of several configs handed off at once, side by side (creating a
-        cloud group means waiting for its first VM)."""
+        cloud group means waiting for its first VM); `keeper`, when given, renews their leases."""
         if len(provisions) == 1:
-            self.provision(provisions[0])
+            self.provision(provisions[0], keeper)
             return
-        threads = [threading.Thread(target=self.provision, args=(provision,), name=f"provision-{provision['config']}")
+        threads = [threading.Thread(target=self.provision, args=(provision, keeper),
+                                    name=f"provision-{provision['config']}")
                    for provision in provisions]
         for thread in threads:
             thread.start()
@@ -313,8 +315,8 @@ class Worker:
         if experiment is None:
             self.provision_all(provisions)
             return
-        with LeaseKeeper(self.client, self.lease_seconds, lease_token=experiment["lease_token"]):
-            self.provision_all(provisions)
+        with LeaseKeeper(self.client, self.lease_seconds, lease_token=experiment["lease_token"]) as keeper:
+            self.provision_all(provisions, keeper)  # one renewal for the experiment and the groups
 
     def remove_own_group(self, config):
         """The config is finished and handed off (or the budget is spent): remove the group
@@ -349,7 +351,7 @@ def provisions_of(answer):
     return [answer["provision"]] if answer.get("provision") else []
 
 
-def provision_group(client, provider, provision, owner, *, call=None):
+def provision_group(client, provider, provision, owner, *, call=None, keeper=None):
     """Create the group of a provisioning answer, its lease renewed meanwhile (creating a cloud
     group can outlast a lease period). If the provider cannot (the cloud says why the group's
     VMs cannot be made, or none runs in time), the group is removed, still under the lease, and
@@ -357,9 +359,12 @@ def provision_group(client, provider, provision, owner, *, call=None):
     the lease up until a retry it backs off; or, the zone being out of capacity, answers where
     to try again at once (another zone, standard VMs), which is done. None once the group is
     made; else the ProviderError and the seconds until the retry (None: the lease was taken
-    over meanwhile)."""
+    over meanwhile). `keeper`: a LeaseKeeper already renewing the caller's experiment lease, which
+    then renews this lease in the same requests."""
     spec = GroupSpec.from_provision(provision)
-    with LeaseKeeper.of_provision(client, provision):
+    kept = (keeper.holding(provision["lease_seconds_left"], provision_token=provision["provision_token"])
+            if keeper is not None else LeaseKeeper.of_provision(client, provision))
+    with kept:
         try:
             provider.create_group(spec)
             return None
@@ -381,7 +386,7 @@ def provision_group(client, provider, provision, owner, *, call=None):
         moved = answer["provision"]
         log.info("the group of %s is tried again in %s%s", spec.name, moved["zone"] or "the run's zone",
                  " with standard VMs" if moved["standard"] else "")
-        return provision_group(client, provider, moved, owner, call=call)
+        return provision_group(client, provider, moved, owner, call=call, keeper=keeper)
     return failure, answer and answer["retry_seconds"]
 
 
@@ -392,26 +397,84 @@ def one_line(error, limit=MAX_CAUSE_TEXT):
 
 
 class LeaseKeeper(threading.Thread):
-    """Renews one lease, an experiment's (`lease_token=`) or a provisioning lease
-    (`provision_token=`), at RENEW_FRACTION of its `period` until stopped; sets `lost` on
-    LEASE_LOST. An unreachable server is retried until the next renewal is due, then tried again."""
+    """Renews a worker's leases, experiments' (`lease_token=`) and provisioning leases
+    (`provision_token=`), at RENEW_FRACTION of the shortest period until stopped: all of them in
+    one `renew` (one lease alone in the form every server knows). A lease refused LEASE_LOST has
+    its `lost` event set and is renewed no more. An unreachable server is retried until the next
+    renewal is due, then tried again."""
 
     def __init__(self, client, period, **lease):
         super().__init__(daemon=True, name="lease-keeper")
-        self.client, self.lease = client, lease
-        self.interval = period * settings_mod.RENEW_FRACTION
-        self.lost = threading.Event()
+        self.client = client
+        self._held = {}  # the lease's token field and value -> (lease, interval, lost)
+        self._changed = threading.Event()
         self._done = threading.Event()
+        self._one_by_one = False  # the server knows only the single form
+        self.lost = self.add(period, **lease)
+
+    def add(self, period, **lease):
+        """Keep one more lease from now on; its `lost` event."""
+        lost = threading.Event()
+        self._held[tuple(lease.items())] = (lease, period * settings_mod.RENEW_FRACTION, lost)
+        self._changed.set()
+        return lost
+
+    @contextlib.contextmanager
+    def holding(self, period, **lease):
+        """Keep `lease` too while the block runs."""
+        self.add(period, **lease)
+        try:
+            yield self
+        finally:
+            self._held.pop(tuple(lease.items()), None)
 
     def run(self):
-        while not self._done.wait(self.interval):
-            try:
-                self.client.call("renew", retry_seconds=self.interval, **self.lease)
-            except LeaseLost:
-                self.lost.set()
-                return
-            except ServerUnavailable as exc:
-                log.warning("could not renew the lease: %s", exc)
+        due = float("inf")
+        while not self._done.is_set():
+            held = list(self._held.values())
+            interval = min((entry[1] for entry in held), default=None)
+            if interval is None:  # every lease lost or given back: wait for one to come
+                self._changed.clear()
+                if not self._held:
+                    self._changed.wait()
+                continue
+            if self._changed.is_set():  # a lease came: renewed within its interval
+                self._changed.clear()
+                due = min(due, time.monotonic() + interval)
+            if not self._wait(due):
+                continue
+            self._renew(held, interval)
+            due = time.monotonic() + interval
+
+    def _wait(self, due):
+        """Sleep until `due`; False when stopped or a lease came meanwhile."""
+        self._changed.wait(max(0.0, due - time.monotonic()))
+        return not (self._done.is_set() or self._changed.is_set())
+
+    def _renew(self, held, interval):
+        try:
+            if len(held) > 1 and not self._one_by_one:
+                try:
+                    answer = self.client.call("renew", retry_seconds=interval, leases=[lease for lease, _, _ in held])
+                except BadInput:  # a server from before the list form
+                    self._one_by_one = True
+                else:
+                    for entry, renewed in zip(held, answer["leases"]):
+                        if not renewed["ok"] and renewed["error"]["code"] == LeaseLost.code:
+                            self._lose(entry)
+                    return
+            for entry in held:
+                try:
+                    self.client.call("renew", retry_seconds=interval, **entry[0])
+                except LeaseLost:
+                    self._lose(entry)
+        except ServerUnavailable as exc:
+            log.warning("could not renew the lease: %s", exc)
+
+    def _lose(self, entry):
+        lease, _, lost = entry
+        self._held.pop(tuple(lease.items()), None)
+        lost.set()
 
     @classmethod
     def of_provision(cls, client, provision):
@@ -420,6 +483,7 @@ class LeaseKeeper(threading.Thread):
 
     def stop(self):
         self._done.set()
+        self._changed.set()
         self.join()
 
     def __enter__(self):

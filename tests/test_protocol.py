@@ -58,6 +58,18 @@ def test_renew_of_a_provisioning_lease_parses():
     assert parse_request(request("renew", {"provision_token": "pt"})).args == {"provision_token": "pt"}
 
 
+def test_renew_of_several_leases_parses_and_each_must_name_exactly_one():
+    leases = [{"lease_token": "lt"}, {"provision_token": "pt"}]
+    assert parse_request(request("renew", {"leases": leases})).args == {"leases": leases}
+    for bad, words in [([], "1 to 1000 items"), (["lt"], "leases[0] must be a JSON object"),
+                       ([{"lease_token": "lt", "provision_token": "pt"}], "leases[0]: give exactly one"),
+                       ([{"lease_token": "lt"}, {}], "leases[1]: give exactly one"),
+                       ([{"lease_token": 5}], "'lease_token' must be a string"),
+                       ([{"lease": "lt"}], "unknown argument 'lease'")]:
+        assert words in str(refusal(request("renew", {"leases": bad}))), bad
+    assert "exactly one" in str(refusal(request("renew", {"leases": leases, "lease_token": "lt"})))
+
+
 def test_release_by_worker_id_parses_and_reason_is_optional():
     assert parse_request(request("release", {"worker_id": "host:1"})).args == {"worker_id": "host:1"}
 

@@ -263,6 +263,26 @@ def test_refusal_from_the_store_carries_the_id_and_keeps_the_connection(run, spa
         assert claim(conn)["attempt"] == 1
 
 
+def test_one_renew_carries_several_leases_and_answers_each(run, spawn_server):
+    """The list form: every lease renewed as it would be alone; a lease not held is refused in
+    its own entry (fencing as for one lease) and the others are renewed all the same."""
+    db, token = run
+    server = spawn_server(db)
+    with Conn(server.address, token) as conn:
+        first, second = claim(conn)["lease_token"], claim(conn, worker="w2")["lease_token"]
+        answer = result_of(conn.ask("renew", leases=[{"lease_token": first}, {"lease_token": "never-issued"},
+                                                     {"provision_token": "never-issued"},
+                                                     {"lease_token": second}]))["leases"]
+        assert [entry["ok"] for entry in answer] == [True, False, False, True]
+        assert answer[0] == {"lease_token": first, "ok": True, "lease_seconds_left": 2}
+        assert answer[1]["lease_token"] == "never-issued" and answer[1]["error"]["code"] == "LEASE_LOST"
+        assert answer[2]["provision_token"] == "never-issued" and answer[2]["error"]["code"] == "LEASE_LOST"
+        result_of(conn.ask("complete", lease_token=first, result={}, wall_seconds=1))
+        refused = result_of(conn.ask("renew", leases=[{"lease_token": first}, {"lease_token": second}]))["leases"]
+        assert [entry["ok"] for entry in refused] == [False, True]  # a finished lease is no longer held
+        assert status(conn)["totals"]["started"] == 1
+
+
 def test_bad_arguments_on_a_held_lease_change_nothing(run, spawn_server):
     db, token = run
     server = spawn_server(db)
