@@ -8,8 +8,10 @@ import time
 import pytest
 
 from sdm_peer import replication
-from sdm_peer.providers.gce import cloudinit
+from sdm_peer.providers.base import provider_for
+from sdm_peer.providers.gce import cloudinit, package
 from sdm_peer.providers.gce import metadata as md
+from sdm_peer.run import provision_groups, server_client, stored_settings
 from sdm_peer.rundir import RunDir, read_token
 
 from ..runs import free_port, init, start_server
@@ -66,11 +68,22 @@ JOB = ("import json, os, socket, time; time.sleep(json.loads(os.environ['SDM_PAR
 DB_JOB = "import os; open(os.environ['SDM_RESULT_FILE'], 'w').write('{}')"
 
 
+# The session's longest chain is the study's two boots one after the other; the other VMs boot
+# beside its first at this niceness and take what cores it leaves.
+BESIDE_THE_STUDY = 10
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fleet(database, worker, study):
+    """Every VM of the session starts booting before the first test: a boot under TCG takes
+    minutes, and side by side the VMs share the cores instead of waiting in turn."""
+
+
 @pytest.fixture(scope="session")
 def database(boot, tmp_path_factory):
     """The database VM, booted from db.yaml with the run's database pushed to its replica as
     bootstrap does, on a disk (the bucket) the VM mounts; its server reached through a host port.
-    Session-wide, and asked for by the worker VM's tests too: the two VMs boot side by side."""
+    Session-wide (see `fleet`)."""
     where = tmp_path_factory.mktemp("db-run")
     run = RunDir(where / "run")
     init(run, [{"cores": 1, "memory_gb": 1, "i": i} for i in range(3)], provider="gce", project=host.PROJECT,
@@ -84,7 +97,7 @@ def database(boot, tmp_path_factory):
     port = free_port()
     vm = boot("sdm-vmdb-db", {"user-data": cloudinit.render_db(settings, read_token(run.token_file),
                                                                host.SERVER_PORT)},
-              host_forwards=[(port, host.SERVER_PORT)], disks=[disk])
+              host_forwards=[(port, host.SERVER_PORT)], disks=[disk], nice=BESIDE_THE_STUDY)
     return run, disk, port, vm
 
 
@@ -104,17 +117,52 @@ def worker_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def worker(worker_server, boot, database):
+def worker(worker_server, boot):
     """The worker VM: metadata exactly as the gce provider's instance template puts it, except the
-    server address, which is the host's server as the guest reaches it. The database VM boots
-    alongside."""
+    server address, which is the host's server as the guest reaches it."""
     run, port = worker_server
     items = {"user-data": cloudinit.render_worker({"run_name": RUN, "sdm_peer_spec": "sdm-peer[gce]==0.1.0",
                                                    "code_url": ""}),
              "shutdown-script": cloudinit.shutdown_script(), md.SERVER_KEY: host.GUEST_SERVER,
              md.TOKEN_KEY: read_token(run.token_file), md.RUN_KEY: RUN, md.CONFIG_KEY: CONFIG, md.CORES_KEY: "1",
              md.MEMORY_KEY: "1"}
-    return boot(VM, items, forwards={host.GUEST_SERVER: port})
+    return boot(VM, items, forwards={host.GUEST_SERVER: port}, nice=BESIDE_THE_STUDY)
+
+
+STUDY, BUCKET = "study", "vm-bucket"
+STUDY_SHAPES = [(1, 1), (1, 2)]  # configs c1-m1 and c1-m2, in this order
+
+
+@pytest.fixture(scope="session")
+def study(box, boot, tmp_path_factory):
+    """A whole small study through the fake Compute API: a server on the host for 2 configs x 3
+    experiments in groups of 1, one group at a time (max_vcpus 1), the run's wheel beside its
+    replica in the bucket as bootstrap puts it, and the first group provisioned as bootstrap
+    does once the database server answers. From there on nobody acts: the fake's managed groups
+    boot their instances as QEMU VMs (host.QemuVms), whose workers hand off and remove their
+    groups through the fake Compute API. (run, FakeCompute, QemuVms)."""
+    run = RunDir(tmp_path_factory.mktemp("study-run") / "run")
+    rows = [{"cores": cores, "memory_gb": memory, "i": i, "sleep": SHORT} for cores, memory in STUDY_SHAPES
+            for i in range(3)]
+    init(run, rows, provider="gce", project=host.PROJECT, zone=host.ZONE, run_name=STUDY, server=host.GUEST_SERVER,
+         replica_url=f"gs://{BUCKET}/{STUDY}", max_vcpus=1, group_size=1, command=["python3", "-c", JOB])
+    (box["buckets"] / BUCKET / STUDY).mkdir(parents=True)
+    package.build_wheel(box["buckets"] / BUCKET / STUDY)
+    port = free_port()
+    server = start_server(run, port=port)
+    vms = host.QemuVms(boot, {host.GUEST_SERVER: port})
+    compute = vms.compute = FakeCompute(vms).start()
+    vms.forwards[host.GUEST_COMPUTE] = compute.httpd.server_address[1]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SDM_GCE_API_ENDPOINT", compute.address)
+        env.setenv("NO_GCE_CHECK", "true")
+        client = server_client(run)
+        provision_groups(client, provider_for(stored_settings(run), run.path, read_token(run.token_file)))
+        client.close()
+    yield run, compute, vms
+    compute.stop()
+    server.terminate()
+    server.wait(30)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -221,11 +221,13 @@ class Vm:
     """One guest under QEMU: its own metadata server, the shared services, the guestfwd relays."""
 
     def __init__(self, name, items, *, image_dir, services, work_dir, accel, forwards=None, host_forwards=(),
-                 disks=()):
+                 disks=(), memory_mb=1024, nice=0):
         """`forwards`: guest address ip:port -> host port (the server, the Compute API, ...);
         `host_forwards`: (host port, guest port) pairs; `disks`: raw images after the boot disk
-        (the first is the bucket, mounted at image.BUCKET_MOUNT)."""
+        (the first is the bucket, mounted at image.BUCKET_MOUNT); `nice`: the QEMU process's
+        niceness (VMs off the session's critical path yield the cores)."""
         self.name, self.image_dir, self.services, self.accel = name, Path(image_dir), services, accel
+        self.memory_mb, self.nice = memory_mb, nice
         self.dir = Path(work_dir) / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mac = "42:01:0a:00:%02x:%02x" % tuple(secrets.token_bytes(2))
@@ -244,7 +246,8 @@ class Vm:
                   *(f"guestfwd=tcp:{guest}-cmd:{relay} {port}" for guest, port in self.forwards.items()),
                   *(f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in self.host_forwards)]
         command = [
-            "qemu-system-x86_64", "-accel", self.accel, "-m", "1024", "-smp", "1", "-no-reboot",
+            "nice", "-n", str(self.nice),
+            "qemu-system-x86_64", "-accel", self.accel, "-m", str(self.memory_mb), "-smp", "1", "-no-reboot",
             "-display", "none", "-vga", "none", "-nodefaults",
             "-kernel", str(self.image_dir / "vmlinuz"), "-initrd", str(self.image_dir / "initrd.img"),
             "-append", "root=/dev/vda rw console=ttyS0 panic=-1",
@@ -305,6 +308,30 @@ class Vm:
                 out += [f"--- journal of {unit}", journal]
         out += ["===== metadata requests (last 15)", *self.metadata.requests[-15:]]
         return "\n".join(out)
+
+
+class QemuVms:
+    """The fake Compute Engine's VMs (tests/fake_gce.FakeCompute's `vms`) as QEMU guests: every
+    instance its managed groups create boots the guest image with the instance's metadata and
+    its machine type's memory (one vCPU: TCG has no more to give), and every instance it deletes
+    gets the ACPI power button, as Compute Engine does. `boot` is conftest's; `forwards` maps
+    guest addresses to host ports (the run's server, the Compute API)."""
+
+    def __init__(self, boot, forwards):
+        self.boot, self.forwards = boot, forwards
+        self.compute = None  # the FakeCompute these VMs belong to, once it exists
+        self.vms = {}  # name -> Vm, in boot order
+
+    def start(self, name, metadata, image):
+        items = {item["key"]: item["value"] for item in metadata.get("items", [])}
+        machine_type = self.compute.instances[name]["machineType"].rpartition("/")[2]
+        memory_mb = int(re.search(r"-(\d+)(?:-ext)?$", machine_type).group(1))  # PREFIX-VCPUS-MEMORY_MB
+        self.vms[name] = self.boot(name, items, forwards=self.forwards, memory_mb=memory_mb)
+
+    def stop(self, name, power_off=False):
+        vm = self.vms.get(name)
+        if vm is not None and vm.process.poll() is None:
+            vm.powerdown()
 
 
 def kvm_works(image_dir, cache):

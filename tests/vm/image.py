@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from sdm_peer.providers.gce import cloudinit
 
@@ -88,18 +87,8 @@ WantedBy=sysinit.target
 """
 
 
-def cloud_config_packages():
-    """The packages the cloud-configs install (their `packages:` lists)."""
-    names = set()
-    for template in ("worker.yaml", "db.yaml"):
-        for line in cloudinit.template(template).splitlines():  # the rest holds {{placeholders}}
-            if line.startswith("packages:"):
-                names.update(yaml.safe_load(line)["packages"])
-    return sorted(names)
-
-
 def recipe_hash():
-    recipe = Path(__file__).read_bytes() + " ".join(cloud_config_packages()).encode()
+    recipe = Path(__file__).read_bytes() + " ".join(cloudinit.PACKAGES).encode()
     return hashlib.sha256(recipe).hexdigest()[:16]
 
 
@@ -123,13 +112,15 @@ def _apt_index(repo):
 def build(target, log):
     """The image's root tree, then an ext4 disk image of it (no mount needed)."""
     rootfs = target / "rootfs"
-    seeded = " ".join(cloud_config_packages())
+    seeded = " ".join(cloudinit.PACKAGES)
     subprocess.run(
         ["mmdebstrap", "--mode=root", "--variant=minbase", f"--include={','.join(PACKAGES)}",
          "--aptopt=Acquire::Languages \"none\"",
          f"--customize-hook=chroot \"$1\" apt-get clean && chroot \"$1\" apt-get install --download-only -y --no-install-recommends {seeded}",
-         # As a cloud image: the default locale generated (cloud-init's locale module sets it).
-         "--customize-hook=sed -i 's/^# *en_US.UTF-8/en_US.UTF-8/' \"$1/etc/locale.gen\" && chroot \"$1\" locale-gen",
+         # As a cloud image: the default locale generated and set (else cloud-init's locale module
+         # generates it at every first boot).
+         "--customize-hook=sed -i 's/^# *en_US.UTF-8/en_US.UTF-8/' \"$1/etc/locale.gen\" && chroot \"$1\" locale-gen"
+         " && echo LANG=en_US.UTF-8 > \"$1/etc/default/locale\"",
          f"--customize-hook=mkdir -p \"$1{LOCAL_APT}\" && mv \"$1\"/var/cache/apt/archives/*.deb \"$1{LOCAL_APT}/\"",
          "bookworm", str(rootfs)], check=True, stdout=log, stderr=subprocess.STDOUT)
     _apt_index(rootfs / LOCAL_APT.lstrip("/"))
@@ -137,16 +128,18 @@ def build(target, log):
     for sources in [rootfs / "etc/apt/sources.list", *(rootfs / "etc/apt/sources.list.d").glob("*")]:
         sources.unlink()
     _write(rootfs / "etc/apt/sources.list.d/sdm-local.list", f"deb [trusted=yes] file:{LOCAL_APT} ./\n")
-    # No byte-compiling at install: under TCG it takes minutes (modules compile as they are imported).
     _write(rootfs / "etc/pip.conf", f"[global]\nindex-url = http://{SERVICES_IP}/simple/\n"
-                                    f"trusted-host = {SERVICES_IP}\ndisable-pip-version-check = true\n"
-                                    "[install]\nno-compile = true\n")
+                                    f"trusted-host = {SERVICES_IP}\ndisable-pip-version-check = true\n")
     # The bucket: a second disk (the cloud kernel has no 9p), mounted where file:// replicas point.
     _write(rootfs / "etc/fstab", f"/dev/vda / ext4 defaults 0 1\n/dev/vdb {BUCKET_MOUNT} ext4 nofail,"
                                  "x-systemd.device-timeout=90s 0 2\n")
-    # The worker provisions through the host's fake Compute API (DESIGN §6's test hook).
+    # The test hooks (DESIGN §6): the worker provisions through the host's fake Compute API, and
+    # the cloud-configs' fetch_wheel.py (run by cloud-final) downloads the run's wheel from the
+    # host's Cloud Storage fake.
     _write(rootfs / "etc/systemd/system" / f"{cloudinit.WORKER_UNIT}.d/vm-test.conf",
            f"[Service]\nEnvironment=SDM_GCE_API_ENDPOINT={COMPUTE_IP}:80\n")
+    _write(rootfs / "etc/systemd/system/cloud-final.service.d/vm-test.conf",
+           f"[Service]\nEnvironment=SDM_GCS_API_ENDPOINT={SERVICES_IP}:80\n")
     with open(rootfs / "etc/hosts", "a") as hosts:
         hosts.write(f"{METADATA_IP} metadata.google.internal metadata\n")
     _write(rootfs / "usr/local/sbin/sdm-vm-report", REPORT, 0o755)

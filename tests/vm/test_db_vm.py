@@ -20,8 +20,7 @@ from .conftest import DB_JOB, FIGURES, wait_for
 pytestmark = pytest.mark.timeout(1800)
 
 
-def test_a_database_vm_restores_its_replica_and_serves_a_worker(database, worker, box, tmp_path):
-    """(`worker`: the worker VM boots alongside.)"""
+def test_a_database_vm_restores_its_replica_and_serves_a_worker(database, box, tmp_path):
     run, disk, port, vm = database
     token = read_token(run.token_file)
     client = Client(("127.0.0.1", port), token, retry_seconds=2)
