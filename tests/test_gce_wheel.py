@@ -122,11 +122,11 @@ def test_sdm_peer_spec_overrides_the_wheel():
     rendered = yaml.safe_load(cloudinit.render_worker({**SETTINGS, "sdm_peer_spec": "sdm-peer[gce]==9.9"}))
     fetch = next(command for command in rendered["runcmd"] if command[1] == "/opt/sdm-peer/fetch_wheel.py")
     assert fetch[2] == ""
-    assert ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet", "sdm-peer[gce]==9.9"] in rendered["runcmd"]
+    assert ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet", "--no-compile", "sdm-peer[gce]==9.9"] in rendered["runcmd"]
 
 
 def test_a_run_without_a_replica_installs_this_version_from_the_package_index():
     settings = {key: value for key, value in SETTINGS.items() if key != "replica_url"}
     rendered = yaml.safe_load(cloudinit.render_worker(settings))
-    assert ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet", f"sdm-peer[gce]=={sdm_peer.__version__}"] in \
-        rendered["runcmd"]
+    install = ["/opt/sdm-peer/venv/bin/pip", "install", "--quiet", "--no-compile", f"sdm-peer[gce]=={sdm_peer.__version__}"]
+    assert install in rendered["runcmd"]
