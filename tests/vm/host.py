@@ -10,6 +10,7 @@ each fake has a fixed address, joined to its host port by a guestfwd relay (rela
   169.254.169.252:7787 the sdm-peer server the worker's `sdm-server` names (a host process)
   169.254.169.251:80   the Compute Engine REST API (tests/fake_gce.FakeCompute)"""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -265,6 +266,11 @@ class Vm:
         log = open(self.dir / "qemu.log", "wb")
         self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                         start_new_session=True)
+        if self.nice:
+            # A new session is a scheduling group of its own where the kernel groups them
+            # (autogroup): a process's niceness then counts only inside it, the group's outside.
+            with contextlib.suppress(OSError):  # no autogroups here, or QEMU is gone already
+                Path(f"/proc/{self.process.pid}/autogroup").write_text(str(self.nice))
         return self
 
     def powerdown(self):
