@@ -7,7 +7,6 @@ time on every request and never logged (auth.py)."""
 
 import asyncio
 import concurrent.futures
-import functools
 import logging
 import os
 import signal
@@ -83,12 +82,19 @@ class Server:
     def _run_batch(self, requests):
         """Every queued request in one transaction (group commit). Each one's outcome is kept
         apart; none is answered before the commit, and a failed commit fails them all."""
+        outcomes = []
         try:
-            return self._store.run_batch([functools.partial(self._write, op, args) for op, args in requests])
+            with self._store.batch():
+                for op, args in requests:
+                    try:
+                        outcomes.append((True, self._write(op, args)))
+                    except Exception as exc:  # noqa: BLE001 - each request gets its own answer
+                        outcomes.append((False, exc))
         except Exception:
             log.exception("a batch of %d requests could not be committed", len(requests))
             failure = SdmPeerError("the database could not commit this request; try again")
             return [(False, failure)] * len(requests)
+        return outcomes
 
     def _submit(self, op, args, deliver):
         """Queue a request on its op's lane: for the database thread (write), or the read

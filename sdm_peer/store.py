@@ -66,7 +66,6 @@ IS_STARTED = _is("status", (st.STARTED,))
 HOST_FIELDS = {"cpu_model": "TEXT", "cpus": "TEXT", "confinement": "TEXT", "steal_seconds": "REAL",
                "max_rss_mb": "REAL", "cpu_platform": "TEXT", "boot_to_claim_seconds": "REAL"}
 HOST_COLUMNS = tuple(f"host_{name}" for name in HOST_FIELDS)
-NO_HOST = dict.fromkeys(HOST_COLUMNS)
 _SET_HOST = "".join(f", {column} = :{column}" for column in HOST_COLUMNS)
 
 # The schema version whose attempts have the host_* columns (an older file read as it is has none).
@@ -364,14 +363,6 @@ def config_name(cores, memory_gb):
     return f"c{cores}-m{_number(memory_gb)}"
 
 
-# How a batch keeps its transitions apart (Store.batch).
-SAVEPOINTS, LEAN = "savepoints", "lean"
-
-
-class _Spoiled(Exception):
-    """A lean batch's transition failed after writing: the batch must run again with savepoints."""
-
-
 class Store:
     """The lease store over one SQLite file. One instance per thread of use."""
 
@@ -380,8 +371,7 @@ class Store:
         if (readonly or not create) and not path.exists():
             raise SdmPeerError(f"{path}: no such database", hint="create it with `sdm-peer init`")
         self.path = path
-        self._batching = None  # inside a batch: SAVEPOINTS or LEAN
-        self._spoiled = False  # a lean batch's transition failed after writing
+        self._batching = False
         try:
             self.conn = (connect_readonly(path) if readonly
                          else connect(str(path), replicated=replicated, durable=durable))
@@ -418,19 +408,9 @@ class Store:
     @contextlib.contextmanager
     def _write(self):
         """One write transaction; BEGIN IMMEDIATE takes the write lock up front so two
-        writers queue on the busy timeout instead of failing half-way. Inside a batch it commits
-        with the batch and still succeeds or fails whole: as a savepoint, or in a lean batch
-        as nothing at all, since every refusal comes before a transition's first write; one
-        that fails after writing spoils the batch (run_batch runs it again with savepoints)."""
-        if self._batching is LEAN:
-            changes = self.conn.total_changes
-            try:
-                yield self.conn
-            except BaseException:
-                self._spoiled = self._spoiled or self.conn.total_changes != changes
-                raise
-            return
-        if self._batching is SAVEPOINTS:
+        writers queue on the busy timeout instead of failing half-way. Inside a batch it is a
+        savepoint: it still succeeds or fails whole, and commits with the batch."""
+        if self._batching:
             self.conn.execute("SAVEPOINT transition")
             try:
                 yield self.conn
@@ -449,45 +429,21 @@ class Store:
         self.conn.execute("COMMIT")
 
     @contextlib.contextmanager
-    def batch(self, *, savepoints=True):
+    def batch(self):
         """Group commit: the transitions run inside this block share one transaction, one
-        commit and (when durable) one fsync. Each still succeeds or fails on its own (without
-        `savepoints`, only as run_batch uses it); if the commit fails, every one of them is
-        lost together (the caller answers each with an error)."""
+        commit and (when durable) one fsync. Each still succeeds or fails on its own; if the
+        commit fails, every one of them is lost together (the caller answers each with an error)."""
         self.conn.execute("BEGIN IMMEDIATE")
-        self._batching, self._spoiled = (SAVEPOINTS if savepoints else LEAN), False
+        self._batching = True
         try:
             yield self
-            self._batching = None
+            self._batching = False
             self.conn.execute("COMMIT")
         except BaseException:
-            self._batching = None
+            self._batching = False
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
-
-    def run_batch(self, calls):
-        """Run each of `calls` (a transition) in one group commit; [(ok, its result or its
-        exception)] in order. Lean first: two statements a transition fewer than a savepoint
-        around each. If a transition failed after writing (a bug, a value SQLite refuses), the
-        whole batch is rolled back and run again with a savepoint per transition, so that its
-        own writes alone are undone. Nothing was answered yet: running again is invisible."""
-        try:
-            return self._outcomes(calls, savepoints=False)
-        except _Spoiled:
-            return self._outcomes(calls, savepoints=True)
-
-    def _outcomes(self, calls, *, savepoints):
-        outcomes = []
-        with self.batch(savepoints=savepoints):
-            for call in calls:
-                try:
-                    outcomes.append((True, call()))
-                except Exception as exc:  # noqa: BLE001 - each call gets its own outcome
-                    outcomes.append((False, exc))
-                if self._spoiled:  # even where the call answered the failure itself
-                    raise _Spoiled  # the batch rolls back
-        return outcomes
 
     @contextlib.contextmanager
     def _read(self):
@@ -556,8 +512,8 @@ class Store:
 
     def hello(self, worker_id, cores, memory_gb, *, now):
         with self._write() as db:
-            config = self._config_for_shape(db, cores, memory_gb)
             self._touch_worker(db, worker_id, cores, memory_gb, now)
+            config = self._config_for_shape(db, cores, memory_gb)
         return {"config": config["name"], "settings": dict(self.settings)}
 
     def claim(self, worker_id, cores, memory_gb, *, now, lease_seconds):
@@ -569,10 +525,10 @@ class Store:
         Returns {experiment, config, config_done, handoff_pending, retry_after, provision,
         provisions, leave, stop}."""
         with self._write() as db:
-            config = self._config_for_shape(db, cores, memory_gb)  # refused before anything is written
             self._touch_worker(db, worker_id, cores, memory_gb, now)
             if self.settings["shrink"]:  # a departed worker asking again did not leave after all
                 db.execute(SQL["departure_cancel"], (worker_id,))
+            config = self._config_for_shape(db, cores, memory_gb)
             provisions = []
             if config["state"] != st.CONFIG_DONE:
                 provisions += self._reclaim_expired(db, config["id"], now, worker_id)
@@ -586,13 +542,12 @@ class Store:
                 experiment = self._start(db, config, worker_id, now, lease_seconds)
                 if experiment is not None and self.settings["prewarm"]:
                     provisions += self._prewarm(db, config, worker_id, now)
-            pending = self._pending_provision(db)
             if not provisions:
-                provisions = [provision for provision in [self._take_over_provisioning(db, worker_id, now, pending)]
+                provisions = [provision for provision in [self._take_over_provisioning(db, worker_id, now)]
                               if provision is not None]
-            if experiment is not None:  # nothing to wait for (a hand-off in this claim is pending too)
+            if experiment is not None:  # nothing to wait for
                 return {"experiment": experiment, **_provisions(provisions), "config": config["name"],
-                        "config_done": False, "handoff_pending": bool(provisions) or pending is not None,
+                        "config_done": False, "handoff_pending": self._pending_provision(db) is not None,
                         "retry_after": None, "leave": False, "stop": None}
             answer = self._progress(db, config["id"], now)
             answer["leave"] = (self.settings["shrink"] and not answer["config_done"]
@@ -689,7 +644,7 @@ class Store:
     def complete(self, lease_token, result, wall_seconds, *, now, host=None):
         if not isinstance(result, dict):
             raise SdmPeerError("a result must be a JSON object")
-        result_json, host = json.dumps(result), _host_row(host)  # refused before anything is written
+        result_json = json.dumps(result)
         with self._write() as db:
             moved = self._move(db, "complete", {"result": result_json, "wall": wall_seconds, "now": now,
                                                 "token": lease_token}, to=st.DONE)
@@ -708,7 +663,7 @@ class Store:
 
     def fail(self, lease_token, error, exit_code, wall_seconds, *, now, host=None):
         """The command failed: ERROR (retried later) or FAILED once `max_failures` is reached."""
-        error, host = (error or "")[-ERROR_TAIL_CHARS:], _host_row(host)
+        error = (error or "")[-ERROR_TAIL_CHARS:]
         max_failures = self.settings["max_failures"]
         with self._write() as db:
             moved = self._move(db, "fail", {"max": max_failures, "error": error[-500:], "wall": wall_seconds,
@@ -789,7 +744,7 @@ class Store:
             db.execute(SQL["attempt_lost"],
                        {"outcome": st.LOST, "wall": report.get("wall_seconds"), "exit_code": report.get("exit_code"),
                         "error": report.get("error"), "result": report.get("result"), "token": lease_token,
-                        **report.get("host", NO_HOST)})
+                        **_host_row(report.get("host"))})
         return LeaseLost("this lease is no longer held: the lease lapsed and the experiment was "
                          "taken back; the report is kept in its attempt row")
 
@@ -801,13 +756,12 @@ class Store:
 
     @staticmethod
     def _end_attempt(db, lease_token, outcome, now, *, wall_seconds=None, exit_code=None, error=None, host=None):
-        """Record how an attempt ended (and where it ran: `host`, _host_row's columns); returns
-        the worker that made it."""
+        """Record how an attempt ended (and where it ran); returns the worker that made it."""
         if outcome not in st.OUTCOMES:
             raise st.IllegalTransition(f"no attempt outcome {outcome!r}")
         ended = db.execute(SQL["attempt_end"], {"outcome": outcome, "now": now, "wall": wall_seconds,
                                                 "exit_code": exit_code, "error": error, "token": lease_token,
-                                                **(host or NO_HOST)}).fetchone()
+                                                **_host_row(host)}).fetchone()
         if ended is None:
             raise st.IllegalTransition("an attempt ended twice")
         return ended["worker"]
@@ -904,13 +858,13 @@ class Store:
         """When the earliest outstanding provisioning lease lapses (None: none is outstanding)."""
         return db.execute(SQL["pending_provision"]).fetchone()[0]
 
-    def _take_over_provisioning(self, db, owner, now, pending):
-        """A provisioning lease that lapsed before `provisioned` goes to the next one to ask
-        (`pending`: when the earliest outstanding one lapses, _pending_provision).
+    def _take_over_provisioning(self, db, owner, now):
+        """A provisioning lease that lapsed before `provisioned` goes to the next one to ask.
         This holds even when workers of the new group already claim: the duty includes
         recording the group, and creating it again is harmless (create_group is idempotent).
         A config that gave its vCPUs back (its group could not run) gets them again only as
         they fit; none is taken over at the budget."""
+        pending = self._pending_provision(db)
         if self.settings["provider"] == "none" or pending is None or pending > now:
             return None
         if self._budget_stop(db, now) is not None:
@@ -933,7 +887,7 @@ class Store:
         has no group yet: nothing PROVISIONING or RUNNING)."""
         provisions = []
         with self._write() as db:
-            while (provision := self._take_over_provisioning(db, owner, now, self._pending_provision(db))) is not None:
+            while (provision := self._take_over_provisioning(db, owner, now)) is not None:
                 provisions.append(provision)
             if self.settings["provider"] != "none" and (
                     self._max_vcpus(db) is not None or not provisions

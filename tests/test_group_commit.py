@@ -10,7 +10,7 @@ import pytest
 from sdm_peer.errors import LeaseLost, SdmPeerError
 from sdm_peer.server import Server
 
-from .conftest import LEASE, T0, grid
+from .conftest import grid
 from .runs import make_run
 
 SHAPE = {"cores": 2, "memory_gb": 4}
@@ -167,49 +167,3 @@ def test_status_is_read_beside_the_database_thread_never_behind_it(tmp_path):
     status, batches = asyncio.run(scenario())
     assert status["totals"]["started"] == 1 and status["totals"]["not_started"] == 9  # the committed state
     assert batches == []  # no write transaction for a read
-
-
-def savepoints_taken(store):
-    """The SAVEPOINT statements `store` runs from now on, counted."""
-    taken = []
-    store.conn.set_trace_callback(lambda sql: sql.startswith("SAVEPOINT") and taken.append(sql))
-    return taken
-
-
-def test_refusals_in_a_batch_take_no_savepoint_and_write_nothing(make_store):
-    """Every refusal comes before a transition's first write: a batch of refusals and
-    successes needs no savepoint, and a refused request leaves nothing behind."""
-    store = make_store(grid([(2, 4)], 3))
-    held = store.claim("w1", 2, 4, now=T0, lease_seconds=LEASE)["experiment"]
-    taken = savepoints_taken(store)
-    outcomes = store.run_batch([
-        lambda: store.claim("w2", 9, 9, now=T0, lease_seconds=LEASE),  # no config of this shape
-        lambda: store.renew(lease_token="stale", now=T0, lease_seconds=LEASE),
-        lambda: store.complete(held["lease_token"], {}, 1.0, now=T0, host={"cpus": ["not", "a", "string"]}),
-        lambda: store.claim("w3", 2, 4, now=T0, lease_seconds=LEASE)])
-    assert [type(value).__name__ for ok, value in outcomes if not ok] == ["NoSuchConfig", "LeaseLost", "BadInput"]
-    assert outcomes[3][0] and outcomes[3][1]["experiment"]["attempt"] == 1
-    assert taken == []
-    workers = {row[0] for row in store.conn.execute("SELECT id FROM workers")}
-    assert workers == {"w1", "w3"}  # the refused claim did not touch its worker row
-    assert store.status(now=T0)["totals"]["started"] == 2  # the refused report did not finish its experiment
-
-
-def test_a_transition_failing_after_its_first_write_has_only_its_own_writes_undone(make_store):
-    """A failure after writing (here a number SQLite cannot store, met after the experiment
-    was moved to DONE): the batch runs again with a savepoint per transition, so the others
-    commit and the failed one changed nothing."""
-    store = make_store(grid([(2, 4)], 3))
-    first, second = (store.claim(f"w{n}", 2, 4, now=T0, lease_seconds=LEASE)["experiment"] for n in (1, 2))
-    taken = savepoints_taken(store)
-    outcomes = store.run_batch([
-        lambda: store.complete(first["lease_token"], {}, 1.0, now=T0, host={"steal_seconds": 2 ** 70}),
-        lambda: store.complete(second["lease_token"], {}, 1.0, now=T0),
-        lambda: store.claim("w3", 2, 4, now=T0, lease_seconds=LEASE)])
-    assert not outcomes[0][0] and isinstance(outcomes[0][1], OverflowError)
-    assert outcomes[1] == (True, outcomes[1][1]) and outcomes[1][1]["status"] == "DONE"
-    assert outcomes[2][0] and outcomes[2][1]["experiment"]["attempt"] == 1
-    assert len(taken) == 3  # run again, one savepoint per transition
-    statuses = dict(store.conn.execute("SELECT key, status FROM experiments").fetchall())
-    assert statuses[first["key"]] == "STARTED" and statuses[second["key"]] == "DONE"
-    assert [a["outcome"] for a in store.attempts(first["key"])] == [None]  # its attempt still runs
