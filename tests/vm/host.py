@@ -335,6 +335,8 @@ class QemuVms:
         self.vms[name] = self.boot(name, items, forwards=self.forwards, memory_mb=memory_mb)
 
     def stop(self, name, power_off=False):
+        """`power_off` (the VM deleted its own group) changes nothing: its guest goes down
+        through ACPI like any other."""
         vm = self.vms.get(name)
         if vm is not None and vm.process.poll() is None:
             vm.powerdown()

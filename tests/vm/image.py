@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from sdm_peer.providers.gce import cloudinit
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "vm"
