@@ -89,6 +89,7 @@ MAX_INTERRUPTIONS = 1000  # faults here are many and artificial; the budget is n
 SLEEP = (0.5, 2.5)  # seconds an experiment runs
 FLAKY = 0.05  # share of experiments whose first attempt fails
 FAULT_GAP = (1.0, 4.0)  # seconds between faults
+VICTIM_MARGIN = 0.5  # seconds a signalled victim's experiment should still have to run
 DOWNTIME = (0.5, 3.0)  # seconds the server stays dead
 HANDOFF_SECONDS = 5.0  # roughly what a group's start costs, for sizing the study
 SERVER_START_TIMEOUT = 20.0
@@ -448,15 +449,21 @@ class Chaos:
         return None
 
     def _victim(self):
-        """A live worker holding a lease, with the key it holds; (None, None, None) if none."""
+        """A live worker holding a lease, with the key it holds; (None, None, None) if none.
+        One whose experiment has a while left to run if there is one: a victim whose report
+        lands just before the signal shows no recovery."""
         workers = _live_workers(self.run)
-        holding = {a["worker"]: a["key"] for a in _read_store(self.run, lambda store: store.attempts())
+        holding = {a["worker"]: a for a in _read_store(self.run, lambda store: store.attempts())
                    if a["outcome"] is None}
         candidates = sorted(worker for worker in workers if worker in holding)
         if not candidates:
             return None, None, None
-        worker = self.rng.choice(candidates)
-        return worker, workers[worker], holding[worker]
+        now = time.time()
+        sleep = {row["key"]: 0.0 if row["flaky"] else row["sleep"] for row in self.rows}  # flaky: may exit at once
+        lasting = [worker for worker in candidates
+                   if holding[worker]["claimed_at"] + sleep[holding[worker]["key"]] - now > VICTIM_MARGIN]
+        worker = self.rng.choice(lasting or candidates)
+        return worker, workers[worker], holding[worker]["key"]
 
     def fault_kill9(self):
         worker, pid, key = self._victim()
