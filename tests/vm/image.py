@@ -17,10 +17,11 @@ from pathlib import Path
 from sdm_peer.providers.gce import cloudinit
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "vm"
-# What a Compute Engine Debian image has that matters here (kernel, systemd, cloud-init with its
-# GCE datasource, the guest agent, python3 with venv) and the plain-DHCP networking bits.
+# What a Compute Engine image has that matters here (kernel, systemd, cloud-init with its GCE
+# datasource, the guest agent, python3) and the plain-DHCP networking bits; not what the
+# cloud-configs install themselves (python3-venv, git: Ubuntu's cloud images lack both).
 PACKAGES = ["linux-image-cloud-amd64", "systemd-sysv", "udev", "cloud-init", "google-guest-agent",
-            "ca-certificates", "python3", "python3-venv", "iproute2", "ifupdown", "isc-dhcp-client", "netbase",
+            "ca-certificates", "python3", "iproute2", "ifupdown", "isc-dhcp-client", "netbase",
             "locales",  # cloud-init's locale module runs locale-gen
             "dbus"]  # without it no systemd-logind, and nothing acts on the ACPI power button
 # Fixed guest-side addresses of the host's fakes (QEMU guestfwd, see host.py).
