@@ -68,15 +68,12 @@ JOB = ("import json, os, socket, time; time.sleep(json.loads(os.environ['SDM_PAR
 DB_JOB = "import os; open(os.environ['SDM_RESULT_FILE'], 'w').write('{}')"
 
 
-# The session's longest chain is the study's two boots one after the other; the other VMs boot
-# beside its first at this niceness and take what cores it leaves.
-BESIDE_THE_STUDY = 10
-
-
 @pytest.fixture(scope="session", autouse=True)
-def fleet(database, worker, study):
-    """Every VM of the session starts booting before the first test: a boot under TCG takes
-    minutes, and side by side the VMs share the cores instead of waiting in turn."""
+def fleet(database, study):
+    """The database VM and the study's first VM start booting before the first test, one a core:
+    a boot under TCG takes minutes. The worker VM boots with the study's test (it asks for it),
+    beside the study's second VM: two at a time, each has a core, and the longest chain (the
+    study's two boots one after the other) runs at full speed."""
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +94,7 @@ def database(boot, tmp_path_factory):
     port = free_port()
     vm = boot("sdm-vmdb-db", {"user-data": cloudinit.render_db(settings, read_token(run.token_file),
                                                                host.SERVER_PORT)},
-              host_forwards=[(port, host.SERVER_PORT)], disks=[disk], nice=BESIDE_THE_STUDY)
+              host_forwards=[(port, host.SERVER_PORT)], disks=[disk])
     return run, disk, port, vm
 
 
@@ -126,7 +123,7 @@ def worker(worker_server, boot):
              "shutdown-script": cloudinit.shutdown_script(), md.SERVER_KEY: host.GUEST_SERVER,
              md.TOKEN_KEY: read_token(run.token_file), md.RUN_KEY: RUN, md.CONFIG_KEY: CONFIG, md.CORES_KEY: "1",
              md.MEMORY_KEY: "1"}
-    return boot(VM, items, forwards={host.GUEST_SERVER: port}, nice=BESIDE_THE_STUDY)
+    return boot(VM, items, forwards={host.GUEST_SERVER: port})
 
 
 STUDY, BUCKET = "study", "vm-bucket"

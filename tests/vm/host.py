@@ -10,7 +10,6 @@ each fake has a fixed address, joined to its host port by a guestfwd relay (rela
   169.254.169.252:7787 the sdm-peer server the worker's `sdm-server` names (a host process)
   169.254.169.251:80   the Compute Engine REST API (tests/fake_gce.FakeCompute)"""
 
-import contextlib
 import hashlib
 import json
 import os
@@ -222,13 +221,12 @@ class Vm:
     """One guest under QEMU: its own metadata server, the shared services, the guestfwd relays."""
 
     def __init__(self, name, items, *, image_dir, services, work_dir, accel, forwards=None, host_forwards=(),
-                 disks=(), memory_mb=1024, nice=0):
+                 disks=(), memory_mb=1024):
         """`forwards`: guest address ip:port -> host port (the server, the Compute API, ...);
         `host_forwards`: (host port, guest port) pairs; `disks`: raw images after the boot disk
-        (the first is the bucket, mounted at image.BUCKET_MOUNT); `nice`: the QEMU process's
-        niceness (VMs off the session's critical path yield the cores)."""
+        (the first is the bucket, mounted at image.BUCKET_MOUNT)."""
         self.name, self.image_dir, self.services, self.accel = name, Path(image_dir), services, accel
-        self.memory_mb, self.nice = memory_mb, nice
+        self.memory_mb = memory_mb
         self.dir = Path(work_dir) / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mac = "42:01:0a:00:%02x:%02x" % tuple(secrets.token_bytes(2))
@@ -247,7 +245,6 @@ class Vm:
                   *(f"guestfwd=tcp:{guest}-cmd:{relay} {port}" for guest, port in self.forwards.items()),
                   *(f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in self.host_forwards)]
         command = [
-            "nice", "-n", str(self.nice),
             "qemu-system-x86_64", "-accel", self.accel, "-m", str(self.memory_mb), "-smp", "1", "-no-reboot",
             "-display", "none", "-vga", "none", "-nodefaults",
             "-kernel", str(self.image_dir / "vmlinuz"), "-initrd", str(self.image_dir / "initrd.img"),
@@ -266,11 +263,6 @@ class Vm:
         log = open(self.dir / "qemu.log", "wb")
         self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                         start_new_session=True)
-        if self.nice:
-            # A new session is a scheduling group of its own where the kernel groups them
-            # (autogroup): a process's niceness then counts only inside it, the group's outside.
-            with contextlib.suppress(OSError):  # no autogroups here, or QEMU is gone already
-                Path(f"/proc/{self.process.pid}/autogroup").write_text(str(self.nice))
         return self
 
     def powerdown(self):

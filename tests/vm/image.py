@@ -19,7 +19,7 @@ from sdm_peer.providers.gce import cloudinit
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "vm"
 # What a Compute Engine image has that matters here (kernel, systemd, cloud-init with its GCE
 # datasource, the guest agent, python3) and the plain-DHCP networking bits; not what the
-# cloud-configs install themselves (python3-venv, git: Ubuntu's cloud images lack both).
+# cloud-configs install themselves (python3-venv, which Ubuntu's cloud images lack, and git).
 PACKAGES = ["linux-image-cloud-amd64", "systemd-sysv", "udev", "cloud-init", "google-guest-agent",
             "ca-certificates", "python3", "iproute2", "ifupdown", "isc-dhcp-client", "netbase",
             "locales",  # cloud-init's locale module runs locale-gen
@@ -45,12 +45,12 @@ def run(*argv):
 
 sent, full, last_full = None, {}, 0.0
 while True:
-    # Cheap looks every 10 s; cloud-init (a python start, slow under TCG) and the journals when
-    # they change, or every minute.
+    # Cheap looks every 10 s; cloud-init (a python start: seconds of the guest's CPU under TCG)
+    # and the journals when they change, or every five minutes.
     failed = [line.split()[0] for line in run("systemctl", "--failed", "--plain", "--no-legend").splitlines() if line.strip()]
     cheap = {"system": run("systemctl", "is-system-running").strip(), "failed": failed,
              "jobs": run("systemctl", "list-jobs", "--no-legend")}
-    if cheap["system"] != full.get("system") or failed != full.get("failed") or time.monotonic() - last_full > 60:
+    if cheap["system"] != full.get("system") or failed != full.get("failed") or time.monotonic() - last_full > 300:
         full = {"cloud_init": run("cloud-init", "status", "--long"),
                 "journal": {unit: run("journalctl", "-b", "-u", unit, "-n", "40", "--no-pager")
                             for unit in failed + ["google-guest-agent", "sdm-peer-worker", "sdm-peer-serve",

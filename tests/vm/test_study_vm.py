@@ -9,11 +9,12 @@ from sdm_peer import states as st
 from ..runs import status, with_store
 from .conftest import FIGURES, STUDY, wait_for
 
-STUDY_SECONDS = 2400  # two boots one after the other under TCG, the first beside two other VMs
+STUDY_SECONDS = 2400  # two boots one after the other under TCG, each beside another VM
 pytestmark = pytest.mark.timeout(STUDY_SECONDS + 600)
 
 
-def test_a_study_hands_off_to_its_next_group_and_finishes_with_nobody_acting(study):
+def test_a_study_hands_off_to_its_next_group_and_finishes_with_nobody_acting(study, worker):
+    """(`worker`: the worker VM of tests/vm/test_worker_vm.py boots beside the second VM.)"""
     run, compute, vms = study
 
     def configs_done():
