@@ -1,8 +1,8 @@
 """`sdm-peer serve`: the socket service in front of the store (DESIGN §4).
 
-asyncio for the connections; every op is answered from protocol.OPS: a write-lane op on one
-dedicated thread, so there is exactly one writer and the event loop never blocks on SQLite; a
-read-lane op on a thread and read-only connection of its own. The token is checked in constant
+asyncio for the connections; every op is answered from protocol.OPS: write-lane ops in batches
+run on the event loop itself, one transaction each (exactly one writer, and no thread hand-off
+per request); a read-lane op on a thread and read-only connection of its own. The token is checked in constant
 time on every request and never logged (auth.py)."""
 
 import asyncio
@@ -27,6 +27,9 @@ STOP_GRACE = 10.0  # seconds for in-flight requests to finish on SIGTERM
 # any other request starts the batch at once. 50 ms rather than 10: a quarter less CPU for 500
 # renewals/s (bench), for latency on a call made every third of a lease.
 RENEW_GATHER_SECONDS = 0.05
+# A batch waits for the clients the last one answered at most as long as that one took, and never
+# longer than this (a batch held up by a lock must not hold up the next one as long).
+MAX_PACE_SECONDS = 0.02
 
 
 class Server:
@@ -40,7 +43,6 @@ class Server:
         self.lease_seconds = lease_seconds
         self.idle_timeout, self.max_connections = idle_timeout, max_connections
         self.replicated, self.on_listening, self.clock = replicated, on_listening, clock
-        self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdm-db")
         self._store = None
         # Read-lane ops (`status`) read on a thread and read-only connection of their own: a
         # whole-run overview (tens of milliseconds for a big study) never holds up the writer.
@@ -52,9 +54,10 @@ class Server:
         self.throttle = auth.Throttle()
         self.durable = durable
         self._queued = []  # (op, args, deliver) waiting for the next batch
-        self._draining = False  # a batch is on the database thread
         self.renew_gather = renew_gather
-        self._gathering = None  # the timer that starts a batch of renewals
+        self._batch_start = self._batch_start_at = None  # the next batch's start: its handle, its loop time
+        self._last_batch = (0, 0.0, 0.0)  # requests, seconds taken, loop time it ended
+        self._delivering = False  # answers of a batch are being handed out
 
     # ---------------------------------------------------------------- store side (db thread)
 
@@ -76,7 +79,7 @@ class Server:
         return protocol.Context(now=self.clock(), lease_seconds=self.lease_seconds)
 
     def _write(self, op, args):
-        """A write-lane op's answer (on the database thread, inside a batch)."""
+        """A write-lane op's answer (inside a batch)."""
         return protocol.OPS[op].handler(self._store, args, self._context())
 
     def _run_batch(self, requests):
@@ -97,51 +100,58 @@ class Server:
         return outcomes
 
     def _submit(self, op, args, deliver):
-        """Queue a request on its op's lane: for the database thread (write), or the read
-        thread; `deliver(ok, value)` gets its committed outcome on the event loop. Requests
-        queued while a batch commits form the next batch."""
+        """Queue a request on its op's lane: the next write batch, or the read thread;
+        `deliver(ok, value)` gets its committed outcome on the event loop."""
         loop = asyncio.get_running_loop()
         if protocol.OPS[op].lane == protocol.READ:
             done = self._read_thread.submit(self._read, op, args)
             done.add_done_callback(lambda outcome: loop.call_soon_threadsafe(_deliver_outcome, deliver, outcome))
             return
         self._queued.append((op, args, deliver))
-        if self._draining:
-            return
-        if not protocol.OPS[op].gathered or self.renew_gather <= 0:
-            self._start_draining(loop)
-        elif self._gathering is None:
-            self._gathering = loop.call_later(self.renew_gather, self._start_draining, loop)
+        if protocol.OPS[op].gathered and self.renew_gather > 0 and not self._delivering:
+            self._start_batch_by(loop, loop.time() + self.renew_gather)
+        else:
+            self._start_batch_by(loop, self._paced_start(loop))
 
-    def _start_draining(self, loop):
-        if self._gathering is not None:
-            self._gathering.cancel()
-            self._gathering = None
-        if not self._draining:
-            self._draining = True
-            self._start_batch(loop)
+    def _paced_start(self, loop):
+        """When the next batch should start: once as many requests wait as the last batch held
+        (everyone it answered has asked again), else once as long has passed since it ended as
+        it took (MAX_PACE_SECONDS at most). Requests that arrive meanwhile are read together,
+        and a client slower to ask again still makes the next batch: each client gets its turn
+        in every batch, as when batches ran on a thread beside the loop, without the hand-offs."""
+        size, took, ended = self._last_batch
+        return loop.time() if len(self._queued) >= size else ended + min(took, MAX_PACE_SECONDS)
 
-    def _start_batch(self, loop):
+    def _start_batch_by(self, loop, when):
+        """Make sure the next batch starts no later than `when` (loop time)."""
+        if self._batch_start is not None:
+            if self._batch_start_at <= when:
+                return
+            self._batch_start.cancel()
+        if when <= loop.time():
+            self._batch_start = loop.call_soon(self._run_queued, loop)  # after this read's other requests
+        else:
+            self._batch_start = loop.call_at(when, self._run_queued, loop)
+        self._batch_start_at = when
+
+    def _run_queued(self, loop):
+        """Run the queued requests as one batch, on the event loop itself (SQLite is fast next
+        to a thread hop; reading waits meanwhile), and deliver each outcome."""
+        self._batch_start = None
         batch, self._queued = self._queued, []
-        done = self._db_thread.submit(self._run_batch, [(op, args) for op, args, _ in batch])
-        done.add_done_callback(lambda outcome: loop.call_soon_threadsafe(self._batch_done, loop, batch, outcome))
-
-    def _batch_done(self, loop, batch, outcome):
+        started = loop.time()
+        outcomes = self._run_batch([(op, args) for op, args, _ in batch])
+        ended = loop.time()
+        self._last_batch = (len(batch), ended - started, ended)
+        self._delivering = True  # a request an answer lets through (pipelined) needs no company
         try:
-            try:
-                outcomes = outcome.result()
-            except Exception as exc:  # noqa: BLE001 - _run_batch answers failures itself; this is a last resort
-                outcomes = [(False, exc)] * len(batch)
             for (_, _, deliver), (ok, value) in zip(batch, outcomes):
                 try:
                     deliver(ok, value)
                 except Exception:  # noqa: BLE001 - one bad delivery must not hold up the others
                     log.exception("could not deliver an answer")
         finally:
-            if self._queued:
-                self._start_batch(loop)
-            else:
-                self._draining = False
+            self._delivering = False
 
     async def _execute(self, op, args):
         """One request's committed outcome, awaited (the connection's path without a socket)."""
@@ -168,9 +178,6 @@ class Server:
         if self._read_store is not None:
             self._read_store.close()
             self._read_store = None
-
-    async def _on_db(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._db_thread, function, *args)
 
     # ---------------------------------------------------------------- connections
 
@@ -236,7 +243,7 @@ class Server:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
-        extended = await self._on_db(self._open)
+        extended = self._open()
         server = await loop.create_server(lambda: Connection(self), self.host, self.port, reuse_address=True,
                                           ssl=self.ssl_context)
         host, port = server.sockets[0].getsockname()[:2]
@@ -255,8 +262,7 @@ class Server:
                 await loop.run_in_executor(None, self.dashboard.stop)
             server.close()
             await self._finish_connections()
-            await self._on_db(self._close_store)
-            self._db_thread.shutdown(wait=True)
+            self._close_store()
             await loop.run_in_executor(self._read_thread, self._close_read_store)
             self._read_thread.shutdown(wait=True)
             log.info("stopped")

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from sdm_peer.errors import LeaseLost, SdmPeerError
+from sdm_peer import server as server_module
 from sdm_peer.server import Server
 
 from .conftest import grid
@@ -17,7 +18,7 @@ SHAPE = {"cores": 2, "memory_gb": 4}
 
 
 async def started(server):
-    await server._on_db(server._open)
+    server._open()
     return server
 
 
@@ -35,7 +36,7 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(tmp_path
                    for i, c in enumerate(claims)]
         reports.insert(30, server._execute("renew", {"lease_token": "stale"}))
         outcomes = await asyncio.gather(*reports, return_exceptions=True)
-        await server._on_db(server._close_store)
+        server._close_store()
         return batches, claims, outcomes
 
     batches, claims, outcomes = asyncio.run(scenario())
@@ -75,7 +76,7 @@ def test_a_failed_commit_answers_every_request_of_the_batch_with_an_error(tmp_pa
                                           for i in range(10)), return_exceptions=True)
         server._store.conn = real
         after = await server._execute("status", {})
-        await server._on_db(server._close_store)
+        server._close_store()
         return outcomes, after
 
     outcomes, after = asyncio.run(scenario())
@@ -91,8 +92,8 @@ def test_durable_mode_sets_synchronous_full(tmp_path, durable, expected):
 
     async def scenario():
         server = await started(Server(db, token, durable=durable))
-        level = await server._on_db(lambda: server._store.conn.execute("PRAGMA synchronous").fetchone()[0])
-        await server._on_db(server._close_store)
+        level = server._store.conn.execute("PRAGMA synchronous").fetchone()[0]
+        server._close_store()
         return level
 
     assert asyncio.run(scenario()) == expected
@@ -120,7 +121,7 @@ def test_renewals_wait_for_company_and_any_other_request_starts_the_batch_at_onc
         waiting = not any(renewal.done() for renewal in renewals)
         claim = await asyncio.wait_for(server._execute("claim", {"worker_id": "w3", **SHAPE}), 10)
         answers = await asyncio.wait_for(asyncio.gather(*renewals), 10)
-        await server._on_db(server._close_store)
+        server._close_store()
         return waiting, batches, claim, answers
 
     waiting, batches, claim, answers = asyncio.run(scenario())
@@ -139,7 +140,7 @@ def test_renewals_alone_are_answered_after_the_gathering_window_in_one_batch(tmp
         batches = recording_batches(server)
         answers = await asyncio.wait_for(asyncio.gather(*(
             server._execute("renew", {"lease_token": c["experiment"]["lease_token"]}) for c in claims)), 10)
-        await server._on_db(server._close_store)
+        server._close_store()
         return batches, answers
 
     batches, answers = asyncio.run(scenario())
@@ -147,23 +148,63 @@ def test_renewals_alone_are_answered_after_the_gathering_window_in_one_batch(tmp
     assert len(answers) == 5
 
 
-def test_status_is_read_beside_the_database_thread_never_behind_it(tmp_path):
+def test_status_is_read_on_its_own_thread_and_writes_go_on_meanwhile(tmp_path):
     db, token = make_run(tmp_path / "run", grid([(2, 4)], 10))
 
     async def scenario():
         server = await started(Server(db, token, lease_seconds=30))
         await server._execute("claim", {"worker_id": "w1", **SHAPE})
         batches = recording_batches(server)
-        writer_free = threading.Event()
-        busy = server._db_thread.submit(writer_free.wait, 30)  # the writer is tied up
-        try:
-            status = await asyncio.wait_for(server._execute("status", {}), 10)
-        finally:
-            writer_free.set()
-        busy.result()
-        await server._on_db(server._close_store)
-        return status, batches
+        reading, go_on = threading.Event(), threading.Event()
+        read = server._read
 
-    status, batches = asyncio.run(scenario())
-    assert status["totals"]["started"] == 1 and status["totals"]["not_started"] == 9  # the committed state
-    assert batches == []  # no write transaction for a read
+        def slow_read(op, args):  # a whole-run overview of a big study takes a while
+            reading.set()
+            go_on.wait(30)
+            return read(op, args)
+        server._read = slow_read
+        status = asyncio.ensure_future(server._execute("status", {}))
+        await asyncio.get_running_loop().run_in_executor(None, reading.wait, 30)
+        try:
+            claim = await asyncio.wait_for(server._execute("claim", {"worker_id": "w2", **SHAPE}), 10)
+            still_reading = not status.done()
+        finally:
+            go_on.set()
+        answer = await asyncio.wait_for(status, 10)
+        server._close_store()
+        return claim, still_reading, answer, batches
+
+    claim, still_reading, status, batches = asyncio.run(scenario())
+    assert claim["experiment"] is not None and still_reading  # the write was answered while status read
+    assert status["totals"]["started"] == 2 and status["totals"]["not_started"] == 8  # the committed state
+    assert batches == [["claim"]]  # no write transaction for the read
+
+
+def test_a_batch_starts_once_everyone_the_last_one_answered_has_asked_again(tmp_path, monkeypatch):
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 10))
+
+    async def scenario():
+        server = await started(Server(db, token, lease_seconds=30))
+        loop = asyncio.get_running_loop()
+        batches = recording_batches(server)
+        # The last batch held three requests and took an hour: two requests wait for a third...
+        monkeypatch.setattr(server_module, "MAX_PACE_SECONDS", 7200)
+        server._last_batch = (3, 3600.0, loop.time())
+        first = [asyncio.ensure_future(server._execute("claim", {"worker_id": f"w{i}", **SHAPE})) for i in range(2)]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        waited = not any(claim.done() for claim in first)
+        third = await asyncio.wait_for(server._execute("claim", {"worker_id": "w2", **SHAPE}), 10)
+        claims = [await asyncio.wait_for(claim, 10) for claim in first] + [third]
+        # ...and a request that is alone waits only as long as the last batch took, and at most
+        # MAX_PACE_SECONDS.
+        monkeypatch.undo()
+        server._last_batch = (3, 3600.0, loop.time())
+        alone = await asyncio.wait_for(server._execute("claim", {"worker_id": "w3", **SHAPE}), 10)
+        server._close_store()
+        return waited, batches, claims + [alone]
+
+    waited, batches, claims = asyncio.run(scenario())
+    assert waited
+    assert batches == [["claim"] * 3, ["claim"]]
+    assert len({claim["experiment"]["key"] for claim in claims}) == 4
