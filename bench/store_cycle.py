@@ -1,7 +1,9 @@
 """The store's own cycle, in-process: Store.claim + Store.complete (each its own BEGIN IMMEDIATE
 transaction, with attempt rows, the worker row, lazy expiry and the hand-off checks), as the
 server runs them but without a socket. 1 process, and N processes on one database file (each
-with its own Store; SQLite's busy timeout queues the writers)."""
+with its own Store; SQLite's busy timeout queues the writers). And the CPU a cycle costs when
+requests come in batches, as the server's group commit runs them: the store alone, and with
+the protocol's parsing and encoding around it."""
 
 import multiprocessing
 import time
@@ -61,3 +63,52 @@ def cycles(db, count, processes=1):
             if worker.is_alive():
                 worker.kill()
                 worker.join()
+
+
+def batched_cpu(db, count, *, batch=16, served=False):
+    """CPU microseconds a cycle of the server's own work, in this process: `batch` claims in
+    one transaction, then their `batch` completes in one (group commit, as the server runs
+    them with that many clients). `served`: each request also parsed from its line and
+    checked, through the op table, and each answer encoded, as the server does (the lines
+    themselves are written outside the clock: that is the clients' work)."""
+    from sdm_peer import protocol
+
+    store = Store(db, create=False)
+    workers = [{"worker_id": f"bench-batch-{n}", "cores": SHAPE[0], "memory_gb": SHAPE[1]} for n in range(batch)]
+    claim_lines = [protocol.encode_request(n, "claim", "token", args) for n, args in enumerate(workers)]
+    used, done = 0.0, 0
+    try:
+        while done < count:
+            if served:
+                answers, cpu = _served(store, claim_lines)
+                lines = [protocol.encode_request(n, "complete", "token", {
+                    "lease_token": answer["experiment"]["lease_token"], "result": {}, "wall_seconds": 0.0})
+                    for n, answer in enumerate(answers)]
+                cpu += _served(store, lines)[1]
+            else:
+                started = time.process_time()
+                with store.batch():
+                    answers = [store.claim(**args, now=time.time(), lease_seconds=60) for args in workers]
+                with store.batch():
+                    for answer in answers:
+                        store.complete(answer["experiment"]["lease_token"], {}, 0.0, now=time.time())
+                cpu = time.process_time() - started
+            used += cpu
+            done += batch
+    finally:
+        store.close()
+    return {"batch": batch, "served": served, "cycles": done, "cpu_us_per_cycle": 1e6 * used / done}
+
+
+def _served(store, lines):
+    """One batch as the server answers it: (results, CPU seconds)."""
+    from sdm_peer import protocol
+
+    started = time.process_time()
+    requests = [protocol.parse_request(line) for line in lines]
+    context = protocol.Context(now=time.time(), lease_seconds=60)
+    with store.batch():
+        results = [protocol.OPS[request.op].handler(store, request.args, context) for request in requests]
+    for request, result in zip(requests, results):
+        protocol.encode_result(request.id, result)
+    return results, time.process_time() - started

@@ -1,8 +1,8 @@
 """`sdm-peer serve --http-port PORT`: a read-only web dashboard in the server's process.
 
 `http.server` in its own thread, reading through its own read-only SQLite connection (WAL lets
-it read beside the server's writer), so the socket service's event loop and database thread
-never wait on it, and SQLite itself refuses it any write. Two pages: `/`, HTML that refreshes
+it read beside the server's writer), so the socket service's event loop, which writes, never
+waits on it, and SQLite itself refuses it any write. Two pages: `/`, HTML that refreshes
 itself (per-config progress, leases, recent events, a cores × memory heatmap of mean wall time per shape
 drawn here as inline SVG: no script, no CDN, works offline); and `/status.json`, the object
 `status --json` prints.

@@ -59,7 +59,7 @@ class Server:
         self._last_batch = (0, 0.0, 0.0)  # requests, seconds taken, loop time it ended
         self._delivering = False  # answers of a batch are being handed out
 
-    # ---------------------------------------------------------------- store side (db thread)
+    # ---------------------------------------------------------------- store side
 
     def _open(self):
         """Open the database and settle the lease period: the run's `lease_seconds` setting, or
@@ -417,7 +417,7 @@ def serve(db_path, token, *, host, port, lease_seconds=None, run_dir=None, repli
 
 def _event_loop_runner():
     """uvloop's runner where it is installed (a dependency wherever it builds): its transports
-    spend less of the GIL per request, which the database thread needs. Else asyncio's."""
+    spend less CPU per request, which the writer shares. Else asyncio's."""
     try:
         import uvloop
     except ImportError:

@@ -100,7 +100,7 @@ def test_durable_mode_sets_synchronous_full(tmp_path, durable, expected):
 
 
 def recording_batches(server):
-    """The sizes of the batches the server hands to its database thread, in order."""
+    """The ops of each batch the server runs, in order."""
     batches = []
     run_batch = server._run_batch
     server._run_batch = lambda requests: batches.append([op for op, _ in requests]) or run_batch(requests)
