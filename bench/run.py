@@ -85,6 +85,9 @@ def section_store(ctx):
         out["served" if served else "batched"] = store_cycle.batched_cpu(run.db, ctx.size("jobs"), batch=SCALE_CLIENTS,
                                                                           served=served)
         shutil.rmtree(run.path)
+    run = copy_run(ctx.template(), ctx.scratch / "store-statements")
+    out["statements"] = store_cycle.statement_costs(run.db, ctx.size("jobs"), batch=SCALE_CLIENTS)
+    shutil.rmtree(run.path)
     return out
 
 
@@ -438,7 +441,8 @@ FOOTNOTES = """\
   commit runs them with {scale_clients} clients; "parsed, checked and answered": each request also read from its
   line and checked through protocol.OPS, each answer encoded (the clients' lines are written off the clock). The
   server's: its CPU over the socket run ³ ÷ the cycles it served. A server on one core reaches 0.35 × raw NORMAL
-  only if its cycle costs at most 2.9 × raw's (1 ÷ 0.35)."""
+  only if its cycle costs at most 2.9 × raw's (1 ÷ 0.35). results.json's store.statements has each SQL
+  statement's share of the batched cycle (wall µs a cycle, executed and fetched), costliest first."""
 
 
 def print_report(results, ctx):

@@ -2,8 +2,8 @@
 transaction, with attempt rows, the worker row, lazy expiry and the hand-off checks), as the
 server runs them but without a socket. 1 process, and N processes on one database file (each
 with its own Store; SQLite's busy timeout queues the writers). And the CPU a cycle costs when
-requests come in batches, as the server's group commit runs them: the store alone, and with
-the protocol's parsing and encoding around it."""
+requests come in batches, as the server's group commit runs them: the store alone, with the
+protocol's parsing and encoding around it, and statement by statement."""
 
 import multiprocessing
 import time
@@ -112,3 +112,60 @@ def _served(store, lines):
     for request, result in zip(requests, results):
         protocol.encode_result(request.id, result)
     return results, time.process_time() - started
+
+
+def statement_costs(db, count, *, batch=16):
+    """Wall microseconds a cycle each SQL statement of the batched cycle takes (executed and
+    its rows fetched), by statement, costliest first; timing each call adds about a
+    microsecond to it."""
+    from collections import Counter
+
+    store = Store(db, create=False)
+    spent, calls = Counter(), Counter()
+    store.conn = _TimedConnection(store.conn, spent, calls)
+    workers = [{"worker_id": f"bench-statements-{n}", "cores": SHAPE[0], "memory_gb": SHAPE[1]} for n in range(batch)]
+    done = 0
+    try:
+        while done < count:
+            with store.batch():
+                answers = [store.claim(**args, now=time.time(), lease_seconds=60) for args in workers]
+            with store.batch():
+                for answer in answers:
+                    store.complete(answer["experiment"]["lease_token"], {}, 0.0, now=time.time())
+            done += batch
+    finally:
+        store.conn.close()
+    return [{"statement": sql, "us_per_cycle": 1e6 * seconds / done, "per_cycle": calls[sql] / done}
+            for sql, seconds in spent.most_common()]
+
+
+class _TimedConnection:
+    """A connection whose execute() times the statement and the fetch of all its rows."""
+
+    def __init__(self, conn, spent, calls):
+        self._conn, self._spent, self._calls = conn, spent, calls
+
+    def execute(self, sql, *args):
+        started = time.perf_counter()
+        rows = self._conn.execute(sql, *args).fetchall()
+        name = " ".join(sql.split())[:80]
+        self._spent[name] += time.perf_counter() - started
+        self._calls[name] += 1
+        return _Fetched(rows)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+class _Fetched:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def fetchone(self):
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self):
+        return self.rows
+
+    def __iter__(self):
+        return iter(self.rows)
