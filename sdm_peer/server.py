@@ -30,6 +30,9 @@ RENEW_GATHER_SECONDS = 0.05
 # A batch waits for the clients the last one answered at most as long as that one took, and never
 # longer than this (a batch held up by a lock must not hold up the next one as long).
 MAX_PACE_SECONDS = 0.02
+# Alone (no Litestream), the WAL is checkpointed this often when anything was written, on a thread
+# and connection of its own: the writer's commits never copy pages or wait for an fsync.
+CHECKPOINT_SECONDS = 1.0
 
 
 class Server:
@@ -48,6 +51,9 @@ class Server:
         # whole-run overview (tens of milliseconds for a big study) never holds up the writer.
         self._read_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdm-read")
         self._read_store = None
+        self._checkpoint_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdm-checkpoint")
+        self._checkpoint_store = None
+        self._written = False  # a batch committed since the last checkpoint
         self._connections = set()  # Connection
         self._stopping = None
         self.ssl_context = ssl_context
@@ -65,7 +71,7 @@ class Server:
         """Open the database and settle the lease period: the run's `lease_seconds` setting, or
         `--lease-seconds`, which then becomes the setting (so that `hello`'s period and the
         settings it carries agree). Then give every held lease another period."""
-        self._store = Store(self.db_path, replicated=self.replicated, durable=self.durable)
+        self._store = Store(self.db_path, autocheckpoint=False, durable=self.durable)
         stored = float(self._store.settings["lease_seconds"])
         if self.lease_seconds is None:
             self.lease_seconds = stored
@@ -141,6 +147,7 @@ class Server:
         batch, self._queued = self._queued, []
         started = loop.time()
         outcomes = self._run_batch([(op, args) for op, args, _ in batch])
+        self._written = True
         ended = loop.time()
         self._last_batch = (len(batch), ended - started, ended)
         self._delivering = True  # a request an answer lets through (pipelined) needs no company
@@ -173,6 +180,29 @@ class Server:
         if self._read_store is None:
             self._read_store = Store(self.db_path, readonly=True)
         return protocol.OPS[op].handler(self._read_store, args, self._context())
+
+    async def _checkpoint_regularly(self):
+        """Checkpoint the WAL every CHECKPOINT_SECONDS when a batch committed meanwhile (alone:
+        under Litestream, it checkpoints)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            if self._written:
+                self._written = False
+                try:
+                    await loop.run_in_executor(self._checkpoint_thread, self._checkpoint)
+                except Exception as exc:  # noqa: BLE001 - the next one tries again; commits go on
+                    log.warning("could not checkpoint the WAL: %s", exc)
+
+    def _checkpoint(self):
+        if self._checkpoint_store is None:
+            self._checkpoint_store = Store(self.db_path, autocheckpoint=False, durable=self.durable)
+        return self._checkpoint_store.checkpoint()
+
+    def _close_checkpoint_store(self):
+        if self._checkpoint_store is not None:
+            self._checkpoint_store.close()
+            self._checkpoint_store = None
 
     def _close_read_store(self):
         if self._read_store is not None:
@@ -252,12 +282,15 @@ class Server:
         if self.on_listening is not None:
             self.on_listening(host, port)
         sweeper = loop.create_task(self._close_idle_connections())
+        checkpoints = None if self.replicated else loop.create_task(self._checkpoint_regularly())
         try:
             if self.dashboard is not None:
                 await loop.run_in_executor(None, self.dashboard.start)
             await self._stopping.wait()
         finally:
             sweeper.cancel()
+            if checkpoints is not None:
+                checkpoints.cancel()
             if self.dashboard is not None:
                 await loop.run_in_executor(None, self.dashboard.stop)
             server.close()
@@ -265,6 +298,8 @@ class Server:
             self._close_store()
             await loop.run_in_executor(self._read_thread, self._close_read_store)
             self._read_thread.shutdown(wait=True)
+            await loop.run_in_executor(self._checkpoint_thread, self._close_checkpoint_store)
+            self._checkpoint_thread.shutdown(wait=True)
             log.info("stopped")
 
     async def _finish_connections(self):

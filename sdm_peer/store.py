@@ -77,6 +77,7 @@ HOST_COLUMNS_SINCE = 5
 QUERIES = {
     # ------------------------------------------------------------ settings and plan
     "settings": "SELECT key, value FROM settings",
+    "checkpoint": "PRAGMA wal_checkpoint(PASSIVE)",
     "setting": "SELECT value FROM settings WHERE key = ?",
     "setting_put": "INSERT INTO settings (key, value) VALUES (?, ?)"
                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -322,14 +323,15 @@ SQL = {**QUERIES, **{name: _guarded(table, event, text) for name, (table, event,
 FIRST_CLAIM_FROM = st.leaving(st.CONFIG_TRANSITIONS, "first_claim")
 
 
-def connect(path, *, replicated=False, durable=False):
+def connect(path, *, autocheckpoint=True, durable=False):
     """Open the database with the pragmas every connection needs.
 
     WAL lets readers run beside the one writer. With synchronous=NORMAL a committed transaction
     survives the process being killed but not a power cut of the machine (the last commits can
     roll back; their experiments run again); `durable` (synchronous=FULL) makes every
-    acknowledged report survive that too, at one fsync per commit. Under Litestream the server
-    must not checkpoint on its own (Litestream owns checkpointing), hence `replicated`."""
+    acknowledged report survive that too, at one fsync per commit. Without `autocheckpoint`
+    the commits of this connection never checkpoint: Litestream does (it owns checkpointing),
+    or the server, beside its writer (Store.checkpoint)."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
                            check_same_thread=False)
     conn.row_factory = sqlite3.Row
@@ -339,7 +341,7 @@ def connect(path, *, replicated=False, durable=False):
     conn.execute("PRAGMA foreign_keys = ON")
     # A checkpoint copies each page changed since the last one once and syncs the file: fewer,
     # larger checkpoints copy the hot pages (indexes, the workers table) fewer times.
-    conn.execute(f"PRAGMA wal_autocheckpoint = {0 if replicated else WAL_CHECKPOINT_PAGES}")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES if autocheckpoint else 0}")
     return conn
 
 
@@ -366,7 +368,7 @@ def config_name(cores, memory_gb):
 class Store:
     """The lease store over one SQLite file. One instance per thread of use."""
 
-    def __init__(self, path, *, replicated=False, durable=False, create=True, readonly=False):
+    def __init__(self, path, *, autocheckpoint=True, durable=False, create=True, readonly=False):
         path = Path(path)
         if (readonly or not create) and not path.exists():
             raise SdmPeerError(f"{path}: no such database", hint="create it with `sdm-peer init`")
@@ -374,7 +376,7 @@ class Store:
         self._batching = False
         try:
             self.conn = (connect_readonly(path) if readonly
-                         else connect(str(path), replicated=replicated, durable=durable))
+                         else connect(str(path), autocheckpoint=autocheckpoint, durable=durable))
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:  # a missing directory, a file that is not a database
             raise SdmPeerError(f"{path}: cannot open the database: {exc}") from None
@@ -398,6 +400,12 @@ class Store:
 
     def close(self):
         self.conn.close()
+
+    def checkpoint(self):
+        """Copy what the WAL holds into the database file, as far as readers allow, without
+        waiting for the writer (PASSIVE). Returns the WAL's frames and those now copied."""
+        _, frames, copied = self.conn.execute(SQL["checkpoint"]).fetchone()
+        return {"frames": frames, "copied": copied}
 
     def __enter__(self):
         return self

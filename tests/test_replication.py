@@ -117,13 +117,47 @@ def test_a_bad_replica_is_a_clear_error_never_an_empty_database(run, tmp_path, k
     assert sdm("status", "--replica", replica, check=False).returncode == 2
 
 
-def test_under_litestream_the_server_leaves_checkpoints_to_it(tmp_path):
-    from sdm_peer.store import WAL_CHECKPOINT_PAGES, Store
+@pytest.mark.parametrize("replicated", [False, True])
+def test_alone_the_server_checkpoints_beside_its_writer_and_under_litestream_never(tmp_path, monkeypatch,
+                                                                                  replicated):
+    import asyncio
+    import sqlite3
 
-    replicated = Store(tmp_path / "a.db", replicated=True)
-    alone = Store(tmp_path / "b.db")
-    assert replicated.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
-    assert alone.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES
-    assert replicated.conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
-    replicated.close()
-    alone.close()
+    from sdm_peer import server as server_module
+
+    from .conftest import grid
+    from .runs import make_run
+
+    monkeypatch.setattr(server_module, "CHECKPOINT_SECONDS", 0.05)
+    db, token = make_run(tmp_path / "run", grid([(2, 4)], 10))
+
+    def started_in_the_file_alone():
+        """STARTED experiments in the database file without its WAL: what checkpoints copied."""
+        copy = tmp_path / "file-alone.db"
+        shutil.copyfile(db, copy)
+        with sqlite3.connect(copy) as conn:
+            return conn.execute("SELECT COUNT(*) FROM experiments WHERE status = 'STARTED'").fetchone()[0]
+
+    async def scenario():
+        server = server_module.Server(db, token, port=0, lease_seconds=30, replicated=replicated)
+        serving = asyncio.ensure_future(server.run())
+        for _ in range(500):  # until it has opened the database
+            if server._store is not None:
+                break
+            await asyncio.sleep(0.01)
+        for n in range(3):
+            await server._execute("claim", {"worker_id": f"w{n}", "cores": 2, "memory_gb": 4})
+        seen = []
+        for _ in range(100 if not replicated else 10):  # ten checkpoint periods under Litestream
+            await asyncio.sleep(0.05)
+            seen.append(started_in_the_file_alone())
+            if seen[-1]:
+                break
+        autocheckpoint = server._store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        server._stopping.set()
+        await serving
+        return seen[-1], autocheckpoint
+
+    copied, autocheckpoint = asyncio.run(scenario())
+    assert autocheckpoint == 0  # the writer's commits never checkpoint
+    assert copied == (0 if replicated else 3)
