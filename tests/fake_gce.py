@@ -37,13 +37,18 @@ from . import gce_discovery as discovery
 API = "https://www.googleapis.com/compute/v1"
 
 
-class _Server:
-    """A ThreadingHTTPServer on 127.0.0.1 run in a thread, stopped by stop()."""
+class HttpServer:
+    """A ThreadingHTTPServer on 127.0.0.1 run in a thread, stopped by stop(); its
+    `handle(request, method)` answers."""
+
+    protocol_version = "HTTP/1.0"
 
     def start(self):
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = owner.protocol_version
+
             def do_GET(self):
                 owner.handle(self, "GET")
 
@@ -63,8 +68,12 @@ class _Server:
         return self
 
     @property
+    def port(self):
+        return self.httpd.server_address[1]
+
+    @property
     def address(self):
-        return f"127.0.0.1:{self.httpd.server_address[1]}"
+        return f"127.0.0.1:{self.port}"
 
     def stop(self):
         self.httpd.shutdown()
@@ -72,14 +81,22 @@ class _Server:
         self.thread.join(5)
 
     @staticmethod
-    def reply(handler, status, payload, content_type="application/json"):
+    def reply(handler, status, payload, content_type="application/json", headers=(), close=False):
+        """Answer with `payload` (bytes, text, or an object sent as JSON); `close`: and close the
+        connection (HTTP/1.1 keeps it open otherwise)."""
         data = (payload if isinstance(payload, bytes) else payload.encode() if isinstance(payload, str)
                 else json.dumps(payload).encode())
         handler.send_response(status)
         handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(data)))
+        if close:
+            handler.send_header("Connection", "close")
+        for name, value in headers:
+            handler.send_header(name, value)
         handler.end_headers()
         handler.wfile.write(data)
+        if close:
+            handler.close_connection = True
 
 
 class ApiError(Exception):
@@ -128,7 +145,7 @@ def region_of(zone):
     return zone.rpartition("-")[0]
 
 
-class FakeCompute(_Server):
+class FakeCompute(HttpServer):
     """Compute Engine as its REST API behaves, for what sdm-peer asks of it.
 
     * Every request body is checked against the compute v1 discovery document and the documented
@@ -572,7 +589,7 @@ def _image(properties):
     return next(disk["initializeParams"]["sourceImage"] for disk in properties["disks"] if disk.get("boot"))
 
 
-class FakeMetadata(_Server):
+class FakeMetadata(HttpServer):
     """The metadata server of every fake VM: /VM/computeMetadata/v1/instance/..., the default
     service account's access token (`token`) included."""
 
@@ -598,7 +615,7 @@ class FakeMetadata(_Server):
         return self.reply(handler, 200, value, "application/text")
 
 
-class FakeStorage(_Server):
+class FakeStorage(HttpServer):
     """Cloud Storage's JSON API, for what sdm-peer asks of it: a media upload
     (POST /upload/storage/v1/b/BUCKET/o?uploadType=media&name=OBJECT) and a media download
     (GET /storage/v1/b/BUCKET/o/OBJECT?alt=media) that needs `Authorization: Bearer <token>`

@@ -22,9 +22,9 @@ import sys
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from ..fake_gce import HttpServer
 from . import image
 
 RELAY = Path(__file__).with_name("relay.py")
@@ -34,49 +34,15 @@ GUEST_COMPUTE = f"{image.COMPUTE_IP}:80"
 PROJECT, NUMERIC_PROJECT, ZONE = "vm-proj", 4711, "us-central1-a"
 
 
-class HttpFake:
-    """A threaded HTTP server on 127.0.0.1 whose `handle(request, method)` answers."""
+class HttpFake(HttpServer):
+    """The guests' HTTP servers (metadata, packages) speak HTTP/1.1, as Compute Engine's metadata
+    server does, and close each connection after its answer."""
 
-    def start(self):
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                owner.handle(self, "GET")
-
-            def do_POST(self):
-                owner.handle(self, "POST")
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-        return self
-
-    @property
-    def port(self):
-        return self.httpd.server_address[1]
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    protocol_version = "HTTP/1.1"
 
     @staticmethod
     def reply(handler, status, body, content_type="text/plain", headers=()):
-        data = body if isinstance(body, bytes) else body.encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", content_type)
-        handler.send_header("Content-Length", str(len(data)))
-        handler.send_header("Connection", "close")
-        for name, value in headers:
-            handler.send_header(name, value)
-        handler.end_headers()
-        handler.wfile.write(data)
-        handler.close_connection = True
+        HttpServer.reply(handler, status, body, content_type, headers, close=True)
 
 
 def _camel(segment):
