@@ -3,8 +3,9 @@
     python -m tests.chaos [--seed N] [--duration SECONDS] [--dir DIR] [--keep] [--json]
 
 The study: CONFIGS configs of different shapes, each of at least 20 experiments, each config's
-group GROUP_SIZE local workers. Configs run one after another (each hands off to the next), so
-12 workers run at a time. The run's `server` setting routes every worker through a
+group up to GROUP_SIZE local workers, as many as MAX_VCPUS (12) holds: 12 of one core, 3 of
+four. Configs run one after another (each hands off to the next), so up to 12 workers run at
+a time. The run's `server` setting routes every worker through a
 fault-injecting TCP proxy on 127.0.0.1; the driver itself reads the database through
 sdm_peer.store.Store. An experiment sleeps 0.5-2.5 s and writes {"key", "digest"} (the digest of
 its params); one in twenty fails its first attempt on purpose (ERROR, then retried). The number
@@ -82,6 +83,9 @@ WEIGHTS = {"kill9": 3, "sigterm": 2, "server": 1, "drop": 2, "stall": 2, "half_o
 CONFIGS = 6
 MIN_EXPERIMENTS = 20
 GROUP_SIZE = 12
+# One config's group at a time, with as many of its VMs as this holds (12 one-core workers, 3
+# four-core): the local provider's default is this machine's cores, far fewer workers.
+MAX_VCPUS = GROUP_SIZE
 SHAPES = [(1, 1), (1, 2), (2, 2), (2, 4), (4, 8), (4, 16), (8, 16), (8, 32)]
 LEASE_SECONDS = 3
 PROVISION_LEASE_SECONDS = 5
@@ -382,12 +386,14 @@ class ServerProcess:
 
 
 def plan_rows(rng, duration):
-    """CONFIGS configs × enough experiments to last about `duration` seconds on 12 workers."""
+    """CONFIGS configs, one after another, each with enough experiments to keep its group's
+    workers (as many as MAX_VCPUS holds) busy for its share of about `duration` seconds."""
     mean = sum(SLEEP) / 2 + 0.4  # + the command's start and the reports
-    per_config = max(MIN_EXPERIMENTS, int((duration - CONFIGS * HANDOFF_SECONDS) * GROUP_SIZE / (CONFIGS * mean)))
+    share = (duration - CONFIGS * HANDOFF_SECONDS) / CONFIGS
     rows = []
     for cores, memory in SHAPES[:CONFIGS]:
-        for i in range(per_config):
+        workers = min(GROUP_SIZE, MAX_VCPUS // cores)
+        for i in range(max(MIN_EXPERIMENTS, int(share * workers / mean))):
             rows.append({"cores": cores, "memory_gb": memory, "key": f"c{cores}-m{memory}-{i:04d}",
                          "group_size": GROUP_SIZE, "sleep": round(rng.uniform(*SLEEP), 2),
                          "flaky": rng.random() < FLAKY})
@@ -418,7 +424,7 @@ class Chaos:
         settings = settings_mod.validate({
             # Shapes up to 4 cores on any machine: chaos is about faults, not timings, so unconfined.
             "provider": "local", "confine": "none", "command": [sys.executable, str(job)],
-            "lease_seconds": LEASE_SECONDS,
+            "lease_seconds": LEASE_SECONDS, "max_vcpus": MAX_VCPUS,
             "provision_lease_seconds": PROVISION_LEASE_SECONDS, "max_interruptions": MAX_INTERRUPTIONS,
             "server": f"127.0.0.1:{self.proxy.port}"})
         init(self.run, self.rows, **settings)
@@ -651,7 +657,8 @@ class Chaos:
         remaining = []
         try:
             self.setup()
-            self.log(f"{CONFIGS} configs x {len(self.rows) // CONFIGS} experiments, {GROUP_SIZE} workers, "
+            self.log(f"{CONFIGS} configs, {len(self.rows)} experiments, up to {GROUP_SIZE} workers a group within "
+                     f"max_vcpus {MAX_VCPUS}, "
                      f"lease {LEASE_SECONDS}s; workers through the proxy on 127.0.0.1:{self.proxy.port}, "
                      f"server on 127.0.0.1:{self.server.port}")
             fault_seconds = self.rampage()

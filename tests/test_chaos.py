@@ -1,5 +1,5 @@
 """The short chaos run (tests/chaos.py) in `make test`: a fixed seed, 30 s of faults of every
-kind against 6 configs × 20 experiments on 12 workers; `make chaos` runs the long one."""
+kind against 6 configs × 20 experiments on up to 12 workers; `make chaos` runs the long one."""
 
 from . import chaos
 
