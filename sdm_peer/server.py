@@ -2,8 +2,8 @@
 
 asyncio for the connections; every op is answered from protocol.OPS: write-lane ops in batches
 run on the event loop itself, one transaction each (exactly one writer, and no thread hand-off
-per request); a read-lane op on a thread and read-only connection of its own. The token is checked in constant
-time on every request and never logged (auth.py)."""
+per request); a read-lane op on a thread and read-only connection of its own. The token is
+checked in constant time on every request and never logged (auth.py)."""
 
 import asyncio
 import concurrent.futures
@@ -182,8 +182,8 @@ class Server:
         return protocol.OPS[op].handler(self._read_store, args, self._context())
 
     async def _checkpoint_regularly(self):
-        """Checkpoint the WAL every CHECKPOINT_SECONDS when a batch committed meanwhile (alone:
-        under Litestream, it checkpoints)."""
+        """Checkpoint the WAL every CHECKPOINT_SECONDS when a batch committed meanwhile (run only
+        when the server is alone: under Litestream, Litestream checkpoints)."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(CHECKPOINT_SECONDS)
