@@ -87,17 +87,22 @@ def batched_cpu(db, count, *, batch=16, served=False):
                 cpu += _served(store, lines)[1]
             else:
                 started = time.process_time()
-                with store.batch():
-                    answers = [store.claim(**args, now=time.time(), lease_seconds=60) for args in workers]
-                with store.batch():
-                    for answer in answers:
-                        store.complete(answer["experiment"]["lease_token"], {}, 0.0, now=time.time())
+                _batched_cycles(store, workers)
                 cpu = time.process_time() - started
             used += cpu
             done += batch
     finally:
         store.close()
     return {"batch": batch, "served": served, "cycles": done, "cpu_us_per_cycle": 1e6 * used / done}
+
+
+def _batched_cycles(store, workers):
+    """One claim per worker in one transaction, then their completes in one."""
+    with store.batch():
+        answers = [store.claim(**args, now=time.time(), lease_seconds=60) for args in workers]
+    with store.batch():
+        for answer in answers:
+            store.complete(answer["experiment"]["lease_token"], {}, 0.0, now=time.time())
 
 
 def _served(store, lines):
@@ -127,11 +132,7 @@ def statement_costs(db, count, *, batch=16):
     done = 0
     try:
         while done < count:
-            with store.batch():
-                answers = [store.claim(**args, now=time.time(), lease_seconds=60) for args in workers]
-            with store.batch():
-                for answer in answers:
-                    store.complete(answer["experiment"]["lease_token"], {}, 0.0, now=time.time())
+            _batched_cycles(store, workers)
             done += batch
     finally:
         store.conn.close()
