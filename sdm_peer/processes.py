@@ -31,6 +31,20 @@ def ours(pid):
     return b"sdm_peer" in command or b"sdm-peer" in command
 
 
+def replicator_of(pid):
+    """The Litestream process that runs `pid` as its `-exec` child (a server under `serve
+    --replicate`), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{parent}/cmdline", "rb") as cmdline:
+            command = cmdline.read().split(b"\0")
+    except (OSError, IndexError, ValueError):
+        return None
+    is_litestream = command[0].endswith(b"litestream") and b"-exec" in command
+    return parent if is_litestream and ours(parent) else None
+
+
 def signal_ours(pid, signum):
     """Send `signum` to pid if it is still an sdm-peer process."""
     if pid and ours(pid):

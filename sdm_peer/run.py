@@ -17,7 +17,7 @@ from . import replication
 from . import settings as settings_mod
 from .client import Client
 from .errors import BadInput, ProviderError, SdmPeerError, ServerUnavailable
-from .processes import alive, signal_ours, wait_gone
+from .processes import alive, replicator_of, signal_ours, wait_gone
 from .providers.base import GroupSpec, RunOptions, check_run, flag, provider_class, provider_for, refuse_flags
 from .rundir import RunDir, read_token, resolve_token, token_path_for, write_token
 from .states import RUNNING
@@ -238,13 +238,17 @@ def ensure_server_on_free_port(run, **options):
 
 
 def stop_server(run):
-    """End the server this machine runs for `run` (SIGTERM, then SIGKILL); its recorded info."""
+    """End the server this machine runs for `run` (SIGTERM, then SIGKILL); its recorded info.
+    Under Litestream the server is its child, and Litestream ends after it, once its last sync
+    is done: the server has stopped when both are gone."""
     info = run.server_info()
     pid = info and info.get("pid")
     if pid and alive(pid):
+        stopping = [pid, *filter(None, [replicator_of(pid)])]
         signal_ours(pid, signal.SIGTERM)
-        wait_gone([pid], SERVER_STOP_TIMEOUT)
-        signal_ours(pid, signal.SIGKILL)
+        wait_gone(stopping, SERVER_STOP_TIMEOUT)
+        for process in stopping:
+            signal_ours(process, signal.SIGKILL)
     return info
 
 

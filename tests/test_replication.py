@@ -12,6 +12,8 @@ import time
 import pytest
 
 from sdm_peer import states as st
+from sdm_peer.processes import replicator_of
+from sdm_peer.run import stop_server
 from sdm_peer.replication import push, replica_backups
 
 from .runs import (init, job_command, sdm, shape_rows, start_worker, status, wait_for, with_store)
@@ -91,6 +93,23 @@ def test_bootstrap_pushes_the_database_and_a_fresh_run_directory_serves_it(run, 
     finally:
         os.kill(fresh.server_info()["pid"], signal.SIGTERM)
         litestream.wait(timeout=20)
+
+
+def test_a_replicated_server_has_stopped_once_litestream_has_ended_after_it(run, tmp_path, monkeypatch):
+    from sdm_peer import run as run_module
+
+    init(run, shape_rows(A, 3))
+    litestream = start_replicated_server(run, f"file://{tmp_path / 'replica'}")
+    server_pid = run.server_info()["pid"]
+    assert replicator_of(server_pid) == litestream.pid
+    awaited = []
+    wait_gone = run_module.wait_gone
+    monkeypatch.setattr(run_module, "wait_gone", lambda pids, timeout: awaited.append(pids) or wait_gone(pids, timeout))
+    stop_server(run)
+    # Litestream exits a moment after the server, once its last sync is done: a stop that
+    # returned in that moment would leave the replica behind the database.
+    assert awaited == [[server_pid, litestream.pid]]
+    assert litestream.poll() == 0
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "corrupted"])
