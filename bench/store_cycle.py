@@ -8,6 +8,7 @@ protocol's parsing and encoding around it, and statement by statement."""
 import multiprocessing
 import time
 
+from sdm_peer import protocol
 from sdm_peer.store import Store
 
 from common import SHAPE
@@ -71,8 +72,6 @@ def batched_cpu(db, count, *, batch=16, served=False):
     them with that many clients). `served`: each request also parsed from its line and
     checked, through the op table, and each answer encoded, as the server does (the lines
     themselves are written outside the clock: that is the clients' work)."""
-    from sdm_peer import protocol
-
     store = Store(db, create=False)
     workers = [{"worker_id": f"bench-batch-{n}", "cores": SHAPE[0], "memory_gb": SHAPE[1]} for n in range(batch)]
     claim_lines = [protocol.encode_request(n, "claim", "token", args) for n, args in enumerate(workers)]
@@ -107,8 +106,6 @@ def _batched_cycles(store, workers):
 
 def _served(store, lines):
     """One batch as the server answers it: (results, CPU seconds)."""
-    from sdm_peer import protocol
-
     started = time.process_time()
     requests = [protocol.parse_request(line) for line in lines]
     context = protocol.Context(now=time.time(), lease_seconds=60)

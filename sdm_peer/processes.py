@@ -14,11 +14,17 @@ def alive(pid):
         return False
     except PermissionError:
         return True
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def _stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name (state, parent pid, ...); [] if gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return stat.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return []
 
 
 def ours(pid):
@@ -34,12 +40,14 @@ def ours(pid):
 def replicator_of(pid):
     """The Litestream process that runs `pid` as its `-exec` child (a server under `serve
     --replicate`), or None."""
+    fields = _stat_fields(pid)
+    if len(fields) < 2:
+        return None
+    parent = int(fields[1])
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            parent = int(stat.read().rsplit(")", 1)[1].split()[1])
         with open(f"/proc/{parent}/cmdline", "rb") as cmdline:
             command = cmdline.read().split(b"\0")
-    except (OSError, IndexError, ValueError):
+    except OSError:
         return None
     is_litestream = command[0].endswith(b"litestream") and b"-exec" in command
     return parent if is_litestream and ours(parent) else None

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from sdm_peer.errors import LeaseLost, SdmPeerError
 from sdm_peer import server as server_module
+from sdm_peer.errors import LeaseLost, SdmPeerError
 from sdm_peer.server import Server
 
 from .conftest import grid

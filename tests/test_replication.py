@@ -13,8 +13,8 @@ import pytest
 
 from sdm_peer import states as st
 from sdm_peer.processes import replicator_of
-from sdm_peer.run import stop_server
 from sdm_peer.replication import push, replica_backups
+from sdm_peer.run import stop_server
 
 from .runs import (init, job_command, sdm, shape_rows, start_worker, status, wait_for, with_store)
 
