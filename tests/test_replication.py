@@ -172,11 +172,13 @@ def test_alone_the_server_checkpoints_beside_its_writer_and_under_litestream_nev
             seen.append(started_in_the_file_alone())
             if seen[-1]:
                 break
-        autocheckpoint = server._store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        autocheckpoint, busy_ms = (server._store.conn.execute(f"PRAGMA {pragma}").fetchone()[0]
+                                   for pragma in ("wal_autocheckpoint", "busy_timeout"))
         server._stopping.set()
         await serving
-        return seen[-1], autocheckpoint
+        return seen[-1], autocheckpoint, busy_ms
 
-    copied, autocheckpoint = asyncio.run(scenario())
+    copied, autocheckpoint, busy_ms = asyncio.run(scenario())
     assert autocheckpoint == 0  # the writer's commits never checkpoint
+    assert busy_ms >= 5000
     assert copied == (0 if replicated else 3)
